@@ -1,0 +1,105 @@
+"""Preference data: loading (local files or the Hub) and validation with errors that name the column and the row.
+
+Accepted rows are TRL's preference formats:
+- standard: `prompt`, `chosen`, `rejected` non-empty strings;
+- conversational, explicit prompt: `prompt`, `chosen`, `rejected` lists of `{"role": str, "content": str}` messages;
+- conversational, implicit prompt: `chosen` and `rejected` full conversations sharing the prompt turns.
+"""
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+BUNDLED_DATASET = Path(__file__).parent / "data" / "toy_preferences.jsonl"
+
+
+def load_preference_dataset(name_or_path: str | None, config: str | None = None) -> DatasetDict:
+    """
+    Load a preference dataset: the bundled toy set when `name_or_path` is None, a local JSONL/JSON/parquet/CSV file
+    (or a directory saved by `datasets`), else a Hub dataset. A single local file becomes one `train` split.
+    """
+    if name_or_path is None:
+        return bundled_preference_dataset()
+    path = Path(name_or_path)
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"Unsupported data file {path}: expected one of {sorted(_LOCAL_BUILDERS)}")
+        return load_dataset(builder, data_files={"train": str(path)})
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        from datasets import load_from_disk
+
+        return load_from_disk(str(path))
+    return load_dataset(name_or_path, name=config)
+
+
+def bundled_preference_dataset() -> DatasetDict:
+    """The toy set shipped with the package, split into `train` and `test` by its `split` column."""
+    rows = load_dataset("json", data_files=str(BUNDLED_DATASET), split="train")
+    return DatasetDict(
+        {
+            split: rows.filter(lambda row, s=split: row["split"] == s).remove_columns("split")
+            for split in ("train", "test")
+        }
+    )
+
+
+def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
+    """
+    Raise a `ValueError` naming the column and the first bad row if `dataset` is not a usable preference set.
+
+    Checks: the columns exist; values are non-empty (not whitespace-only) strings, or message lists whose messages
+    have string `role` and `content`; all rows of a column share one format; `chosen` differs from `rejected`.
+    """
+    if not isinstance(dataset, Dataset):  # streaming: rows are checked as TRL tokenizes them
+        return
+    columns = set(dataset.column_names)
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{name} dataset: missing column {missing[0]!r}; a preference set needs 'prompt', 'chosen' and "
+            f"'rejected' (or conversational 'chosen'/'rejected' that share the prompt). Columns: {sorted(columns)}"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{name} dataset is empty.")
+    present = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    values = {c: dataset[c] for c in present}
+    conversational = _is_messages(values["chosen"][0])
+    if "prompt" not in columns and not conversational:
+        raise ValueError(
+            f"{name} dataset: missing column 'prompt'; only conversational rows can leave the prompt implicit."
+        )
+    for column in present:
+        for row, value in enumerate(values[column]):
+            problem = _check_value(value, conversational)
+            if problem:
+                raise ValueError(f"{name} dataset: column {column!r}, row {row}: {problem}")
+    for row, (chosen, rejected) in enumerate(zip(values["chosen"], values["rejected"])):
+        if chosen == rejected:
+            raise ValueError(f"{name} dataset: row {row}: 'chosen' equals 'rejected', so the pair has no preference.")
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list)
+
+
+def _check_value(value, conversational: bool) -> str | None:
+    if conversational:
+        if not isinstance(value, list):
+            return f"expected a list of messages like the first row, got {type(value).__name__}"
+        if not value:
+            return "empty message list"
+        for i, message in enumerate(value):
+            if not isinstance(message, dict):
+                return f"message {i} is a {type(message).__name__}, expected a dict with 'role' and 'content'"
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    return f"message {i} has no string {key!r}"
+        return None
+    if not isinstance(value, str):
+        return f"expected a string like the first row, got {type(value).__name__}"
+    if not value.strip():
+        return "empty or whitespace-only string"
+    return None

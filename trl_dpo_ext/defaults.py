@@ -1,0 +1,98 @@
+"""The embedded default: a tiny Llama-style model and a byte-level BPE tokenizer, both built here, never downloaded.
+
+`default_model_path()` builds them once under the cache dir and returns the directory, which `from_pretrained` (and so
+4-bit loading) reads like any Hub checkpoint. The tokenizer is trained on the bundled preference set; being byte-level
+it still encodes any text.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .data import BUNDLED_DATASET
+
+
+TINY_MODEL_NAME = "tiny-llama-v1"
+SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+# A small chat template so conversational preference rows can run on the default model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}<|eos|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """`$TRL_DPO_EXT_CACHE`, else `~/.cache/trl_dpo_ext`: where built artifacts are kept between runs."""
+    return Path(os.environ.get("TRL_DPO_EXT_CACHE", Path.home() / ".cache" / "trl_dpo_ext"))
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` (seconds on a CPU) with pad/bos/eos tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    """A ~0.2M-parameter Llama: big enough to learn the toy preference, small enough for a 2-core CPU."""
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**kwargs, **overrides})
+
+
+def default_model_path(root: Path | None = None) -> Path:
+    """Build (once) and return the directory of the default tiny model and its tokenizer."""
+    target = (root or cache_dir()) / TINY_MODEL_NAME
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temp dir and rename, so a crash or a concurrent process never sees half a model.
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TINY_MODEL_NAME}."))
+    try:
+        rows = [json.loads(line) for line in BUNDLED_DATASET.read_text().splitlines()]
+        texts = [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]
+        tokenizer = build_tokenizer(texts)
+        tokenizer.save_pretrained(staging)
+        config = tiny_llama_config(
+            len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            LlamaForCausalLM(config).save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,209 @@
+"""Metric math (pure functions on per-pair tensors) and the `TrainerCallback`s that report it.
+
+The pure functions return per-example tensors; the trainer gathers them across processes before averaging, so every
+logged number is a global mean. The callbacks read and extend the logs, so `ThroughputCallback` and
+`MetricsHistoryCallback` work on any TRL trainer that logs `num_tokens` (SFT, DPO, ...).
+"""
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .atomic import atomic_write
+
+
+logger = logging.getLogger(__name__)
+
+
+def reward_metrics(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> dict[str, torch.Tensor]:
+    """
+    Per-pair implicit-reward metrics, named as `trl.DPOTrainer` logs them, plus the reference log-probs and the
+    displacement of the chosen completion.
+
+    The implicit reward is r(x, y) = β·(log π(y|x) − log π_ref(y|x)) (Rafailov et al. 2023, Eq. 5). `displacement` is
+    log π_ref(y_w|x) − log π(y_w|x): positive when training has *lowered* the chosen completion's likelihood.
+
+    Args:
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps: `(B,)` sequence log-probs.
+        beta: the DPO β.
+
+    Returns:
+        `dict[str, torch.Tensor]`: metric name → `(B,)` tensor (detached).
+    """
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+        "logps/ref_chosen": ref_chosen_logps.detach(),
+        "logps/ref_rejected": ref_rejected_logps.detach(),
+        "displacement": (ref_chosen_logps - chosen_logps).detach(),
+    }
+
+
+def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """
+    Sequence-level estimate of KL(π‖π_ref) from per-token log-probs: Σ_t k3_t with k3 = (ρ − 1) − log ρ and
+    ρ = π_ref/π at the observed token (Schulman 2020, "Approximating KL divergence"). k3 is never negative and is
+    unbiased when the tokens are sampled from π; on the chosen completions of a preference set it is an estimate of
+    how far the policy has moved on that data.
+
+    Args:
+        policy_logps, ref_logps: `(B, T)` per-token log-probs.
+        mask: `(B, T)` 1 on the tokens to count.
+
+    Returns:
+        `torch.Tensor` of shape `(B,)`.
+    """
+    log_ratio = (ref_logps - policy_logps).detach()
+    k3 = torch.expm1(log_ratio) - log_ratio
+    return (k3 * mask).sum(dim=1)
+
+
+def peak_memory_mib() -> float:
+    """Peak memory of this process in MiB: `torch.cuda.max_memory_allocated` with CUDA, else the peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class ThroughputCallback(TrainerCallback):
+    """
+    Adds `tokens_per_second` (tokens between two training logs over the wall time between them, from TRL's
+    cumulative `num_tokens`) and `memory/peak_mib` (see [`peak_memory_mib`]) to every training log.
+    """
+
+    def __init__(self):
+        self._last: tuple[float, float] | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._last = None
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._last is None:  # start the clock at the first step, after data loading and model placement
+            self._last = (time.perf_counter(), 0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "num_tokens" not in logs or self._last is None:
+            return
+        now, tokens = time.perf_counter(), float(logs["num_tokens"])
+        last_time, last_tokens = self._last
+        if tokens > last_tokens and now > last_time:
+            _extend(state, logs, {"tokens_per_second": (tokens - last_tokens) / (now - last_time)})
+        _extend(state, logs, {"memory/peak_mib": peak_memory_mib()})
+        self._last = (now, tokens)
+
+
+class DisplacementAlarmCallback(TrainerCallback):
+    """
+    Warns once about likelihood displacement: the mean chosen log-prob has fallen more than `margin` nats below the
+    reference's (`displacement > margin`) while reward accuracy is above its first logged value — DPO is separating
+    the pair by pushing *both* completions down (Razin et al. 2024, "Unintentional Unalignment").
+    """
+
+    def __init__(self, margin: float):
+        self.margin = margin
+        self.first_accuracy: float | None = None
+        self.fired_at: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "displacement" not in logs or "rewards/accuracies" not in logs:
+            return
+        accuracy = logs["rewards/accuracies"]
+        if self.first_accuracy is None:
+            self.first_accuracy = accuracy
+            return
+        if self.fired_at is None and logs["displacement"] > self.margin and accuracy > self.first_accuracy:
+            self.fired_at = state.global_step
+            message = (
+                f"Likelihood displacement at step {state.global_step}: the mean chosen log-prob is "
+                f"{logs['displacement']:.3f} nats below the reference (margin {self.margin}) while reward accuracy "
+                f"rose from {self.first_accuracy:.3f} to {accuracy:.3f}. DPO is lowering the chosen completions too; "
+                "consider a larger beta, a lower learning rate, or an SFT term (loss_type=['sigmoid', 'sft'])."
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.warning(message)
+
+
+class MetricsHistoryCallback(TrainerCallback):
+    """
+    Keeps the metric history safe and readable: every log is appended to `output_dir/metrics.jsonl` as it happens
+    (a crash loses nothing already logged), and at the end of training `metrics_history.json` (the trainer state's
+    history, one entry per log, deduplicated across resumes) and `metrics.png` are written atomically.
+    """
+
+    PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "kl")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not state.is_world_process_zero:
+            return
+        path = Path(args.output_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        out = Path(args.output_dir)
+        with atomic_write(out / "metrics_history.json") as handle:
+            json.dump(state.log_history, handle, indent=1)
+        if getattr(args, "save_metrics_plot", True):
+            plot_metrics(state.log_history, out / "metrics.png")
+
+
+def plot_metrics(history: list[dict], path: str | Path, keys: tuple[str, ...] = MetricsHistoryCallback.PLOTTED) -> Path:
+    """Plot `keys` of a `log_history` against the step, one panel each, and save a PNG atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        points = [(row["step"], row[key]) for row in history if key in row and math.isfinite(row[key])]
+        if points:
+            ax.plot(*zip(*points), marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def add_metric_callbacks(trainer, callbacks: list[TrainerCallback]) -> None:
+    """
+    Put `callbacks` at the front of `trainer`'s callback list: the values they add to a log must be in it before the
+    reporting callbacks (TensorBoard, W&B, the progress bar) read it. Works on any `transformers.Trainer`.
+    """
+    for callback in reversed(callbacks):
+        trainer.callback_handler.callbacks.insert(0, callback)
+
+
+def _extend(state: TrainerState, logs: dict, values: dict[str, float]) -> None:
+    # `Trainer.log` appends a copy of the logs to the history before calling `on_log`, so update both.
+    logs.update(values)
+    if state.log_history:
+        state.log_history[-1].update(values)

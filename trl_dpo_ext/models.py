@@ -1,0 +1,130 @@
+"""One 4-bit NF4 base, shared by policy (base + LoRA) and reference (the same base, adapters off or a frozen SFT adapter).
+
+The reference never needs its own copy of the base: peft switches adapters on the same `Linear4bit` modules, so the
+memory of a DPO run is one quantized base plus two small adapters at most.
+"""
+
+import logging
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`"auto"` → bfloat16 where a CUDA device supports it, float32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"compute dtype must be one of {['auto', *_DTYPES]}, got {name!r}")
+    return _DTYPES[name]
+
+
+def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = True) -> BitsAndBytesConfig:
+    """The QLoRA paper's quantization: NF4 storage, optional double quantization, matmuls in `compute_dtype`."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_qlora_model(
+    model_name_or_path: str,
+    lora_config: LoraConfig | None = None,
+    *,
+    sft_adapter_path: str | None = None,
+    compute_dtype: torch.dtype | str = "auto",
+    double_quant: bool = True,
+    revision: str = "main",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PeftModel:
+    """
+    Load a causal LM once in NF4 4-bit and put LoRA adapters on it.
+
+    With `lora_config`, a fresh adapter `"default"` is added (LoRA's B starts at zero, so base + adapter is the base
+    exactly and the reference is taken with adapters off). With `sft_adapter_path`, that adapter is loaded trainable as
+    `"default"`; [`trl_dpo_ext.DPOTrainer`] then keeps a frozen copy named `"ref"` on the same base as the reference.
+
+    Args:
+        model_name_or_path (`str`): Hub id or local directory of the base model.
+        lora_config (`peft.LoraConfig`, *optional*): Config of a fresh adapter. Exclusive with `sft_adapter_path`.
+        sft_adapter_path (`str`, *optional*): Directory (or Hub id) of an SFT LoRA adapter to continue from.
+        compute_dtype (`torch.dtype` or `str`, *optional*, defaults to `"auto"`): Dtype of the 4-bit matmuls.
+        double_quant (`bool`, *optional*, defaults to `True`): Quantize the quantization constants too.
+        revision (`str`, *optional*, defaults to `"main"`): Model revision on the Hub.
+        attn_implementation (`str`, *optional*): Passed to `from_pretrained` (e.g. `"sdpa"`, `"eager"`).
+        trust_remote_code (`bool`, *optional*, defaults to `False`): Allow model code from the Hub. Off unless asked.
+
+    Returns:
+        `peft.PeftModel`: the policy. `with model.disable_adapter():` runs the bare 4-bit base.
+    """
+    if (lora_config is None) == (sft_adapter_path is None):
+        raise ValueError("Pass exactly one of `lora_config` (a fresh adapter) or `sft_adapter_path` (continue SFT).")
+    if isinstance(compute_dtype, str):
+        compute_dtype = resolve_compute_dtype(compute_dtype)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path,
+        revision=revision,
+        quantization_config=nf4_config(compute_dtype, double_quant),
+        dtype=compute_dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        device_map={"": _default_device()},
+    )
+    if sft_adapter_path is not None:
+        model = PeftModel.from_pretrained(base, sft_adapter_path, is_trainable=True)
+    else:
+        model = get_peft_model(base, lora_config)
+    logger.info("Loaded %s in 4-bit NF4 (compute %s) with LoRA: %s", model_name_or_path, compute_dtype, _summary(model))
+    return model
+
+
+def lora_config_from(model_args) -> LoraConfig:
+    """A `LoraConfig` from a [`trl_dpo_ext.QLoRAModelConfig`] (or `trl.ModelConfig`)."""
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        bias="none",
+    )
+
+
+def is_identity_adapter(model: PreTrainedModel, adapter_name: str = "default") -> bool:
+    """True when every LoRA B of `adapter_name` is zero, i.e. base + adapter computes exactly the base."""
+    marker = f".lora_B.{adapter_name}."
+    weights = [p for n, p in model.named_parameters() if marker in n]
+    return bool(weights) and all(not torch.any(p) for p in weights)
+
+
+def quantized_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The `bitsandbytes` 4-bit linear layers of `model` (the memory that must exist once)."""
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _default_device() -> str | int:
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return PartialState().local_process_index
+    return "cpu"
+
+
+def _summary(model: PeftModel) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters"
