@@ -70,7 +70,8 @@ class QLoRAModelConfig(trl.ModelConfig):
     )
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters on the 4-bit base."})
     use_bnb_nested_quant: bool = field(
-        default=True, metadata={"help": "Double quantization: also quantize the 4-bit absmax constants (~0.4 bit/param)."}
+        default=True,
+        metadata={"help": "Double quantization: also quantize the 4-bit absmax constants (~0.4 bit/param)."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
@@ -103,3 +104,27 @@ class QLoRAModelConfig(trl.ModelConfig):
         if self.bnb_4bit_quant_type != "nf4":
             raise ValueError(f"`bnb_4bit_quant_type` must be 'nf4' for QLoRA, got {self.bnb_4bit_quant_type!r}.")
         super().__post_init__()
+
+
+@dataclass
+class RecipeArguments:
+    """Recipe-only settings (not trainer settings)."""
+
+    heldout_pairs: int = field(
+        default=200,
+        metadata={
+            "help": "Pairs of the test split whose implicit-reward accuracy is measured before and after training; "
+            "0 skips the measurement."
+        },
+    )
+
+
+def device_defaults() -> dict[str, bool]:
+    """
+    Parser defaults for the machine at hand. TRL defaults to `bf16=True, gradient_checkpointing=True`, right on a GPU;
+    without CUDA both make a step several times slower for no memory that matters, so they default to off there. A
+    value in the YAML config or on the command line still wins.
+    """
+    import torch
+
+    return {} if torch.cuda.is_available() else {"bf16": False, "gradient_checkpointing": False}

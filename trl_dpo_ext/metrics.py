@@ -171,7 +171,9 @@ class MetricsHistoryCallback(TrainerCallback):
             plot_metrics(state.log_history, out / "metrics.png")
 
 
-def plot_metrics(history: list[dict], path: str | Path, keys: tuple[str, ...] = MetricsHistoryCallback.PLOTTED) -> Path:
+def plot_metrics(
+    history: list[dict], path: str | Path, keys: tuple[str, ...] = MetricsHistoryCallback.PLOTTED
+) -> Path:
     """Plot `keys` of a `log_history` against the step, one panel each, and save a PNG atomically."""
     import matplotlib
 

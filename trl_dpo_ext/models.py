@@ -1,4 +1,4 @@
-"""One 4-bit NF4 base, shared by policy (base + LoRA) and reference (the same base, adapters off or a frozen SFT adapter).
+"""One 4-bit NF4 base shared by policy (base + LoRA) and reference (same base, adapters off or a frozen SFT adapter).
 
 The reference never needs its own copy of the base: peft switches adapters on the same `Linear4bit` modules, so the
 memory of a DPO run is one quantized base plus two small adapters at most.
@@ -83,7 +83,9 @@ def load_qlora_model(
         model = PeftModel.from_pretrained(base, sft_adapter_path, is_trainable=True)
     else:
         model = get_peft_model(base, lora_config)
-    logger.info("Loaded %s in 4-bit NF4 (compute %s) with LoRA: %s", model_name_or_path, compute_dtype, _summary(model))
+    logger.info(
+        "Loaded %s in 4-bit NF4 (compute %s) with LoRA: %s", model_name_or_path, compute_dtype, _summary(model)
+    )
     return model
 
 

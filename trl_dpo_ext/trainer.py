@@ -86,8 +86,8 @@ class DPOTrainer(trl.DPOTrainer):
         )
 
     def _drop_identity_ref_adapter(self) -> None:
-        # Why: TRL copies a PeftModel's adapter into a frozen "ref" adapter. For a fresh LoRA (B = 0) that copy computes
-        # the bare base, so drop it and take the reference with adapters off; an SFT adapter keeps its frozen copy.
+        # Why: TRL copies a PeftModel's adapter into a frozen "ref" adapter. For a fresh LoRA (B = 0) that copy
+        # computes the bare base, so drop it and take the reference with adapters off; an SFT adapter keeps its copy.
         model = self.accelerator.unwrap_model(self.model)
         if "ref" in model.peft_config and is_identity_adapter(model, "default"):
             model.delete_adapter("ref")

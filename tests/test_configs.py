@@ -1,0 +1,58 @@
+"""Every YAML config under recipes/configs parses into the recipe's dataclasses; config validation errors."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_dpo_ext import DPOConfig, QLoRAModelConfig
+
+
+ROOT = Path(__file__).parents[1]
+# How TRL/transformers normalise a YAML value in __post_init__.
+NORMALISED = {"loss_type": lambda v: [v] if isinstance(v, str) else v, "report_to": lambda v: [] if v == "none" else v}
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+
+
+def load_recipe(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_yaml_parses_into_the_dataclasses(path, tmp_path):
+    recipe = load_recipe(path.stem)
+    script_args, training_args, model_args, recipe_args = recipe.parse(
+        ["--config", str(path), "--output_dir", str(tmp_path)]
+    )
+    values = yaml.safe_load(path.read_text())
+    parsed = {**vars(script_args), **vars(model_args), **vars(recipe_args)}
+    for key, value in values.items():
+        if key == "output_dir":
+            continue
+        got = getattr(training_args, key) if hasattr(training_args, key) else parsed[key]
+        got = getattr(got, "value", got)  # enums such as lr_scheduler_type
+        assert got == NORMALISED.get(key, lambda v: v)(value), key
+    assert isinstance(training_args, DPOConfig) and isinstance(model_args, QLoRAModelConfig)
+
+
+def test_default_config_is_used_without_arguments_and_flags_override_it(tmp_path):
+    recipe = load_recipe("dpo_qlora")
+    _, training_args, model_args, _ = recipe.parse(["--beta", "0.25", "--output_dir", str(tmp_path)])
+    assert training_args.beta == 0.25
+    assert model_args.lora_r == 16  # from the YAML
+    assert not training_args.bf16 and not training_args.gradient_checkpointing  # CPU machine defaults
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="`displacement_margin` must be >= 0, got -1"):
+        DPOConfig(output_dir="x", displacement_margin=-1)
+    with pytest.raises(ValueError, match="`padding_side` must be 'right' or 'left'"):
+        DPOConfig(output_dir="x", padding_side="up")
+    with pytest.raises(ValueError, match="needs `load_in_4bit=True` and `use_peft=True`"):
+        QLoRAModelConfig(load_in_4bit=False)
+    with pytest.raises(ValueError, match="`bnb_4bit_quant_type` must be 'nf4'"):
+        QLoRAModelConfig(bnb_4bit_quant_type="fp4")
