@@ -37,3 +37,25 @@ def test_recipe_runs_offline_through_accelerate_launch(tmp_path):
     history = json.loads((out / "metrics_history.json").read_text())
     assert [row["step"] for row in history if "loss" in row] == [2, 4, 6]
     assert (out / "metrics.png").stat().st_size > 1000
+
+
+def test_ppo_to_dpo_recipe_runs_offline_through_accelerate_launch(tmp_path):
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRL_DPO_EXT_CACHE": str(tmp_path / "cache"),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "recipes" / "ppo_to_dpo.py"),
+        "--output_dir", str(out), "--total_episodes", "24", "--response_length", "8", "--max_steps", "2",
+        "--logging_steps", "1", "--per_device_train_batch_size", "2", "--stop_token", "eos", "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "cache" / "tiny-llama-v1-reward" / "config.json").exists()
+    assert (out / "preference_pairs" / "dataset_info.json").exists()
+    assert (out / "model.safetensors").exists() and (out / "completions.jsonl").exists()

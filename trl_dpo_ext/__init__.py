@@ -10,6 +10,7 @@ from .data import load_preference_dataset, validate_preference_dataset
 from .losses import LOSSES
 from .metrics import DisplacementAlarmCallback, MetricsHistoryCallback, ThroughputCallback, add_metric_callbacks
 from .models import load_qlora_model
+from .pairs import build_preference_pairs
 from .registry import available_trainers, get_trainer
 from .reward import preference_accuracy, reward_margins
 from .trainer import DPOTrainer
@@ -27,6 +28,7 @@ __all__ = [
     "QLoRAModelConfig",
     "ThroughputCallback",
     "add_metric_callbacks",
+    "build_preference_pairs",
     "available_trainers",
     "get_trainer",
     "load_preference_dataset",

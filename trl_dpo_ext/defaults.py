@@ -68,16 +68,10 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
 
 def default_model_path(root: Path | None = None) -> Path:
     """Build (once) and return the directory of the default tiny model and its tokenizer."""
-    target = (root or cache_dir()) / TINY_MODEL_NAME
-    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temp dir and rename, so a crash or a concurrent process never sees half a model.
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TINY_MODEL_NAME}."))
-    try:
+
+    def build(staging: Path) -> None:
         rows = [json.loads(line) for line in BUNDLED_DATASET.read_text().splitlines()]
-        texts = [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]
-        tokenizer = build_tokenizer(texts)
+        tokenizer = build_tokenizer([row[key] for row in rows for key in ("prompt", "chosen", "rejected")])
         tokenizer.save_pretrained(staging)
         config = tiny_llama_config(
             len(tokenizer),
@@ -88,6 +82,36 @@ def default_model_path(root: Path | None = None) -> Path:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             LlamaForCausalLM(config).save_pretrained(staging)
+
+    return _build_once((root or cache_dir()) / TINY_MODEL_NAME, build)
+
+
+def default_reward_model_path(root: Path | None = None) -> Path:
+    """Build (once) a tiny `LlamaForSequenceClassification` reward model (num_labels=1, random weights) sharing the
+    default policy's tokenizer: enough to run a PPO-shaped pipeline offline, not a meaningful reward."""
+    from transformers import LlamaForSequenceClassification
+
+    policy = default_model_path(root)
+
+    def build(staging: Path) -> None:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(policy)
+        tokenizer.save_pretrained(staging)
+        config = tiny_llama_config(len(tokenizer), num_labels=1, pad_token_id=tokenizer.pad_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            LlamaForSequenceClassification(config).save_pretrained(staging)
+
+    return _build_once(policy.parent / f"{TINY_MODEL_NAME}-reward", build)
+
+
+def _build_once(target: Path, build) -> Path:
+    # Build in a temp dir and rename: a crash or a concurrent process never sees half a model.
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build(staging)
         try:
             staging.rename(target)
         except OSError:  # another process won the race; its copy is identical

@@ -1,0 +1,191 @@
+"""Preference pairs from a policy and a reward: the DPO paper's pipeline (Rafailov et al. 2023, Sec. 6.1).
+
+For each prompt, sample k completions from the (reference) policy, score them with a reward model or function, and keep
+the best as `chosen` and the worst as `rejected`; prompts whose k scores are all equal carry no preference and are
+dropped.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.experimental.utils import get_reward
+
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+def safe_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+    """A pad id the model can embed. TRL's PPO example adds a new `[PAD]` token without resizing the embeddings, so
+    its id is out of range; padded positions are masked anyway, so any in-range id (eos) serves."""
+    vocab = model.get_input_embeddings().num_embeddings
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None and pad < vocab else tokenizer.eos_token_id
+
+
+def prompts_as_ids(prompts, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Prompts as token ids from a list of strings, a list of id lists, or a `Dataset` with `input_ids` or `prompt`."""
+    if isinstance(prompts, Dataset):
+        if "input_ids" in prompts.column_names:
+            prompts = prompts["input_ids"]
+        elif "prompt" in prompts.column_names:
+            prompts = prompts["prompt"]
+        else:
+            raise ValueError(
+                f"prompt dataset needs an 'input_ids' (tokenized, as in TRL's PPO scripts) or a 'prompt' column; "
+                f"got columns {prompts.column_names}"
+            )
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts: the prompt set is empty")
+    ids = [tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts]
+    for row, prompt in enumerate(ids):
+        if not prompt:
+            raise ValueError(f"prompt row {row} is empty")
+    return ids
+
+
+@torch.no_grad()
+def sample_completions(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    k: int,
+    max_new_tokens: int = 53,
+    temperature: float = 0.7,
+    batch_size: int = 16,
+    stop_token_id: int | None = None,
+    desc: str = "Sampling completions",
+) -> list[tuple[torch.Tensor, int]]:
+    """
+    Sample `k` completions per prompt with batched `generate` (prompts left-padded), `batch_size` prompts at a time.
+
+    Returns:
+        One `(query_responses, context_length)` per batch: `query_responses` of shape `(b·k, context + new)` holds the
+        left-padded prompt then the response, every token after the response's first stop token replaced by the
+        tokenizer's pad id — the layout `trl.experimental.utils.get_reward` scores.
+    """
+    stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+    gen_pad = safe_pad_id(tokenizer, policy)
+    mask_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else gen_pad
+    device = next(policy.parameters()).device
+    batches = []
+    was_training = policy.training
+    policy.eval()
+    try:
+        for start in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch"):
+            chunk = prompt_ids[start : start + batch_size]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[gen_pad] * (width - len(p)) + p for p in chunk], device=device)
+            attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = policy.generate(
+                input_ids=input_ids.repeat_interleave(k, dim=0),
+                attention_mask=attention.repeat_interleave(k, dim=0),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                eos_token_id=stop,
+                pad_token_id=gen_pad,
+            )
+            response = out[:, width:]
+            after_stop = (response == stop).long().cumsum(dim=1) - (response == stop).long() > 0
+            response = response.masked_fill(after_stop, mask_pad)
+            query = input_ids.masked_fill(attention == 0, mask_pad).repeat_interleave(k, dim=0)
+            batches.append((torch.cat([query, response], dim=1), width))
+    finally:
+        policy.train(was_training)
+    return batches
+
+
+def build_preference_pairs(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts,
+    reward_fn: RewardFn | None = None,
+    reward_model: PreTrainedModel | None = None,
+    k: int = 4,
+    max_new_tokens: int = 53,
+    temperature: float = 0.7,
+    batch_size: int = 16,
+    stop_token_id: int | None = None,
+    missing_eos_penalty: float | None = None,
+    seed: int | None = 0,
+) -> Dataset:
+    """
+    Sample `k` completions per prompt from `policy`, score them, and keep (best, worst) as (chosen, rejected).
+
+    Args:
+        policy: causal LM to sample from (the reference policy of the DPO run).
+        tokenizer: its tokenizer (a pad token is needed only for the layout; an added, un-embedded `[PAD]` is fine).
+        prompts: strings, token-id lists, or a `Dataset` with `input_ids` or `prompt`.
+        reward_fn: `reward_fn(prompts, completions) -> scores`, on texts. Exclusive with `reward_model`.
+        reward_model: a `*ForSequenceClassification` with `num_labels=1` (TRL's PPO reward model), scored at the last
+            token of each response as in TRL.
+        k: completions per prompt, at least 2.
+        max_new_tokens, temperature, batch_size, stop_token_id: sampling settings (`batch_size` prompts at a time).
+        missing_eos_penalty: subtracted from the score of a completion that never emits the stop token (PPO's rule).
+        seed: seeds the sampling; None leaves the RNG alone.
+
+    Returns:
+        `datasets.Dataset` with `prompt`, `chosen`, `rejected`, `score_chosen`, `score_rejected`.
+    """
+    if k < 2:
+        raise ValueError(f"k must be at least 2 to form a pair, got k={k}")
+    if (reward_fn is None) == (reward_model is None):
+        raise ValueError("pass exactly one of `reward_fn` or `reward_model`")
+    if reward_model is not None and reward_model.config.num_labels != 1:
+        raise ValueError(
+            f"the reward model must output one score per sequence (num_labels=1), got num_labels="
+            f"{reward_model.config.num_labels}"
+        )
+    prompt_ids = prompts_as_ids(prompts, tokenizer)
+    if seed is not None:
+        torch.manual_seed(seed)
+    stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+    mask_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else safe_pad_id(tokenizer, policy)
+    rows, scored = [], 0
+    batches = sample_completions(policy, tokenizer, prompt_ids, k, max_new_tokens, temperature, batch_size, stop)
+    for query_responses, context in tqdm(batches, desc="Scoring completions", unit="batch"):
+        queries, responses = query_responses[:, :context], query_responses[:, context:]
+        prompt_text = [tokenizer.decode(q[q != mask_pad], skip_special_tokens=True) for q in queries]
+        completion_text = [tokenizer.decode(r[r != mask_pad], skip_special_tokens=True) for r in responses]
+        if reward_model is not None:
+            with torch.no_grad():
+                scores = get_reward(reward_model, query_responses.to(reward_model.device), mask_pad, context)[1]
+            scores = scores.float().cpu()
+        else:
+            scores = torch.tensor([float(s) for s in reward_fn(prompt_text, completion_text)])
+        if missing_eos_penalty is not None:
+            scores = scores - missing_eos_penalty * (~(responses == stop).any(dim=1)).float().cpu()
+        for first in range(0, len(scores), k):
+            scored += 1
+            # An empty completion (the stop token at once) cannot be a DPO answer; it is not a candidate.
+            candidates = [i for i in range(first, first + k) if completion_text[i].strip()]
+            if len(candidates) < 2:
+                continue
+            best = max(candidates, key=lambda i: scores[i])
+            worst = min(candidates, key=lambda i: scores[i])
+            if scores[best] == scores[worst] or completion_text[best] == completion_text[worst]:
+                continue  # a tie carries no preference
+            rows.append(
+                {
+                    "prompt": prompt_text[first],
+                    "chosen": completion_text[best],
+                    "rejected": completion_text[worst],
+                    "score_chosen": float(scores[best]),
+                    "score_rejected": float(scores[worst]),
+                }
+            )
+    logger.info("Built %d preference pairs from %d prompts (%d ties dropped)", len(rows), scored, scored - len(rows))
+    if not rows:
+        raise ValueError(
+            f"no preference pairs: for all {scored} prompts the {k} completions tied (or fewer than 2 were non-empty)"
+        )
+    return Dataset.from_list(rows)
