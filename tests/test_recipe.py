@@ -12,23 +12,29 @@ from peft import PeftConfig
 ROOT = Path(__file__).parents[1]
 
 
-def test_recipe_runs_offline_through_accelerate_launch(tmp_path):
+def launch(recipe: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`accelerate launch recipes/<recipe>.py FLAGS` in a clean, offline, CPU-only environment."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRL_DPO_EXT_CACHE": str(tmp_path / "cache"),
         "CUDA_VISIBLE_DEVICES": "",
     }
-    out = tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "recipes" / "dpo_qlora.py"),
-        "--output_dir", str(out), "--max_steps", "6", "--logging_steps", "2", "--save_steps", "3",
-        "--heldout_pairs", "16",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / f"{recipe}.py"), *flags,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_recipe_runs_offline_through_accelerate_launch(tmp_path):
+    out = tmp_path / "run"
+    result = launch(
+        "dpo_qlora", tmp_path, "--output_dir", str(out), "--max_steps", "6", "--logging_steps", "2",
+        "--save_steps", "3", "--heldout_pairs", "16",
+    )  # fmt: skip
     assert "Held-out reward accuracy (16 pairs): 0.500 before ->" in result.stdout
     assert f"Adapter saved to {out}" in result.stdout
     assert (tmp_path / "cache" / "tiny-llama-v1" / "config.json").exists()
@@ -40,22 +46,12 @@ def test_recipe_runs_offline_through_accelerate_launch(tmp_path):
 
 
 def test_ppo_to_dpo_recipe_runs_offline_through_accelerate_launch(tmp_path):
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRL_DPO_EXT_CACHE": str(tmp_path / "cache"),
-        "CUDA_VISIBLE_DEVICES": "",
-    }
     out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "recipes" / "ppo_to_dpo.py"),
-        "--output_dir", str(out), "--total_episodes", "24", "--response_length", "8", "--max_steps", "2",
-        "--logging_steps", "1", "--per_device_train_batch_size", "2", "--stop_token", "eos", "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch(
+        "ppo_to_dpo", tmp_path, "--output_dir", str(out), "--total_episodes", "24", "--response_length", "8",
+        "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "2", "--stop_token", "eos",
+        "--report_to", "none",
+    )  # fmt: skip
     assert (tmp_path / "cache" / "tiny-llama-v1-reward" / "config.json").exists()
     assert (out / "preference_pairs" / "dataset_info.json").exists()
     assert (out / "model.safetensors").exists() and (out / "completions.jsonl").exists()
