@@ -12,12 +12,11 @@ from pathlib import Path
 
 from accelerate import PartialState
 from transformers import AutoTokenizer
-from trl import ScriptArguments, TrlParser
+from trl import ScriptArguments, TrlParser, get_peft_config
 
 from trl_dpo_ext import DPOConfig, DPOTrainer, load_preference_dataset, load_qlora_model, preference_accuracy
 from trl_dpo_ext.config import QLoRAModelConfig, RecipeArguments, device_defaults
 from trl_dpo_ext.defaults import default_model_path
-from trl_dpo_ext.models import lora_config_from
 from trl_dpo_ext.reward import reward_margins
 
 
@@ -40,7 +39,7 @@ def main(script_args, training_args, model_args, recipe_args):
 
     model = load_qlora_model(
         model_path,
-        None if model_args.sft_adapter_path else lora_config_from(model_args),
+        None if model_args.sft_adapter_path else get_peft_config(model_args),
         sft_adapter_path=model_args.sft_adapter_path,
         compute_dtype=model_args.bnb_4bit_compute_dtype,
         double_quant=model_args.use_bnb_nested_quant,

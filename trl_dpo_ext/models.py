@@ -89,21 +89,6 @@ def load_qlora_model(
     return model
 
 
-def lora_config_from(model_args) -> LoraConfig:
-    """A `LoraConfig` from a [`trl_dpo_ext.QLoRAModelConfig`] (or `trl.ModelConfig`)."""
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules,
-        modules_to_save=model_args.lora_modules_to_save,
-        use_rslora=model_args.use_rslora,
-        use_dora=model_args.use_dora,
-        bias="none",
-    )
-
-
 def is_identity_adapter(model: PreTrainedModel, adapter_name: str = "default") -> bool:
     """True when every LoRA B of `adapter_name` is zero, i.e. base + adapter computes exactly the base."""
     marker = f".lora_B.{adapter_name}."

@@ -28,6 +28,20 @@ def safe_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> i
     return pad if pad is not None and pad < vocab else tokenizer.eos_token_id
 
 
+def mask_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+    """The id that marks padding in a `(query, response)` layout: the tokenizer's pad, else [`safe_pad_id`]."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else safe_pad_id(tokenizer, model)
+
+
+@torch.no_grad()
+def reward_model_scores(
+    reward_model: PreTrainedModel, query_responses: torch.Tensor, pad_token_id: int, context_length: int
+) -> torch.Tensor:
+    """One float score per sequence, read by TRL's `get_reward` at the last non-pad token of each response."""
+    scores = get_reward(reward_model, query_responses.to(reward_model.device), pad_token_id, context_length)[1]
+    return scores.float().cpu()
+
+
 def prompts_as_ids(prompts, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Prompts as token ids from a list of strings, a list of id lists, or a `Dataset` with `input_ids` or `prompt`."""
     if isinstance(prompts, Dataset):
@@ -72,7 +86,7 @@ def sample_completions(
     """
     stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
     gen_pad = safe_pad_id(tokenizer, policy)
-    mask_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else gen_pad
+    mask_pad = mask_pad_id(tokenizer, policy)
     device = next(policy.parameters()).device
     batches = []
     was_training = policy.training
@@ -149,7 +163,7 @@ def build_preference_pairs(
     if seed is not None:
         torch.manual_seed(seed)
     stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
-    mask_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else safe_pad_id(tokenizer, policy)
+    mask_pad = mask_pad_id(tokenizer, policy)
     rows, scored = [], 0
     batches = sample_completions(policy, tokenizer, prompt_ids, k, max_new_tokens, temperature, batch_size, stop)
     for query_responses, context in tqdm(batches, desc="Scoring completions", unit="batch"):
@@ -157,9 +171,7 @@ def build_preference_pairs(
         prompt_text = [tokenizer.decode(q[q != mask_pad], skip_special_tokens=True) for q in queries]
         completion_text = [tokenizer.decode(r[r != mask_pad], skip_special_tokens=True) for r in responses]
         if reward_model is not None:
-            with torch.no_grad():
-                scores = get_reward(reward_model, query_responses.to(reward_model.device), mask_pad, context)[1]
-            scores = scores.float().cpu()
+            scores = reward_model_scores(reward_model, query_responses, mask_pad, context)
         else:
             scores = torch.tensor([float(s) for s in reward_fn(prompt_text, completion_text)])
         if missing_eos_penalty is not None:

@@ -21,12 +21,18 @@ from typing import Literal
 
 import torch
 from datasets import Dataset
-from trl.experimental.utils import get_reward
 
 from .atomic import atomic_write
 from .collator import PreferenceCollator
 from .config import DPOConfig
-from .pairs import build_preference_pairs, prompts_as_ids, safe_pad_id, sample_completions
+from .pairs import (
+    build_preference_pairs,
+    mask_pad_id,
+    prompts_as_ids,
+    reward_model_scores,
+    safe_pad_id,
+    sample_completions,
+)
 from .trainer import DPOTrainer
 
 
@@ -207,18 +213,17 @@ class PPOTrainer:
     def train(self):
         """Build the preference pairs, then train DPO on them. Returns the DPO `TrainOutput`."""
         self.preference_dataset = self.build_pairs()
-        dpo_args = self.args  # a PPOConfig is a DPOConfig whose beta is kl_coef
         collator = PreferenceCollator(
             pad_token_id=safe_pad_id(self.processing_class, self.model),
-            max_length=dpo_args.max_length,
-            truncation_mode=dpo_args.truncation_mode,
-            pad_to_multiple_of=dpo_args.pad_to_multiple_of,
-            padding_side=dpo_args.padding_side,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
+            pad_to_multiple_of=self.args.pad_to_multiple_of,
+            padding_side=self.args.padding_side,
         )
         self.dpo_trainer = DPOTrainer(
             model=self.model,
             ref_model=self.ref_model,
-            args=dpo_args,
+            args=self.args,  # a PPOConfig is a DPOConfig whose beta is kl_coef
             data_collator=collator,
             train_dataset=self.preference_dataset.remove_columns(["score_chosen", "score_rejected"]),
             processing_class=self.processing_class,
@@ -259,11 +264,11 @@ class PPOTrainer:
             temperature=0.01, batch_size=self.args.per_device_eval_batch_size, stop_token_id=self.stop_token_id,
             desc="Generating completions",
         )  # fmt: skip
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else safe_pad_id(tokenizer, policy)
+        pad = mask_pad_id(tokenizer, policy)
         rows = []
         for query_responses, context in batches:
-            scores = get_reward(self.reward_model, query_responses.to(self.reward_model.device), pad, context)[1]
-            for sequence, score in zip(query_responses, scores.float().cpu()):
+            scores = reward_model_scores(self.reward_model, query_responses, pad, context)
+            for sequence, score in zip(query_responses, scores):
                 query, response = sequence[:context], sequence[context:]
                 rows.append(
                     {
