@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from trl_dpo_ext import DPOTrainer, load_qlora_model
+from trl_dpo_ext import DPOTrainer, PreferenceCollator, load_qlora_model
 from trl_dpo_ext.models import is_identity_adapter, quantized_modules
 
 
@@ -20,6 +20,12 @@ def sequence_logps(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     logps = F.log_softmax(logits.float(), dim=-1).gather(2, batch["input_ids"][:, 1:, None])[..., 0]
     return (logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+def plain_batch(trainer):
+    """Four training rows in TRL's plain layout (what `sequence_logps` reads), whatever the trainer's layout."""
+    collator = PreferenceCollator(pad_token_id=trainer.processing_class.pad_token_id)
+    return collator(list(trainer.train_dataset.select(range(4))))
 
 
 def base_state(model):
@@ -89,7 +95,7 @@ def test_fresh_adapter_reference_is_the_untouched_base_and_base_stays_frozen(
     assert holders == {id(trainer.model)}
 
     # (a) reference log-probs after training == the untouched base, loaded separately, to 1e-5
-    batch = next(iter(trainer.get_train_dataloader()))
+    batch = plain_batch(trainer)
     reference = trainer._reference_token_logps(batch).sequence_logps()
     untouched = sequence_logps(load_4bit(), batch)
     torch.testing.assert_close(reference, untouched, atol=1e-5, rtol=0)
@@ -115,7 +121,7 @@ def test_sft_adapter_reference_is_the_frozen_sft_adapter(tiny_dir, tokenizer, to
     assert len(quantized_modules(trainer.model)) == model.config.num_hidden_layers * LINEARS_PER_LAYER
     assert trainer.ref_model is None
 
-    batch = next(iter(trainer.get_train_dataloader()))
+    batch = plain_batch(trainer)
     reference = trainer._reference_token_logps(batch).sequence_logps()
     frozen_sft = sequence_logps(PeftModel.from_pretrained(load_4bit(), sft_adapter), batch)
     bare_base = sequence_logps(load_4bit(), batch)

@@ -60,11 +60,15 @@ def test_ours_computes_the_loss_itself(tiny_dir, tokenizer, pairs, dpo_args, mon
 
 
 def test_qlora_training_matches_stock_trl_step_by_step(tiny_dir, tokenizer, toy, dpo_args, load_4bit):
-    """Same 4-bit base, same LoRA config and seed, three optimizer steps: the same loss at every step."""
+    """Same 4-bit base, same LoRA config and seed, three optimizer steps: the same loss at every step.
+
+    In TRL's own (plain) layout: TRL keeps the LoRA weights of a 4-bit model in bf16, so a layout that sums the same
+    gradients in another order drifts by bf16 rounding; `test_layout.py` checks the layouts in fp32.
+    """
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     history = {}
     for name, cls in (("stock", trl.DPOTrainer), ("ours", DPOTrainer)):
-        args = dpo_args(per_device_train_batch_size=4)
+        args = dpo_args(per_device_train_batch_size=4, share_prompt=False)
         trainer = cls(
             model=load_4bit(), args=args, train_dataset=toy["train"], processing_class=tokenizer, peft_config=lora
         )
@@ -73,7 +77,7 @@ def test_qlora_training_matches_stock_trl_step_by_step(tiny_dir, tokenizer, toy,
     assert len(history["ours"]) == 3
     for stock, ours in zip(history["stock"], history["ours"]):
         for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "entropy"):
-            assert ours[key] == pytest.approx(stock[key], abs=1e-5), key
+            assert ours[key] == pytest.approx(stock[key], rel=1e-6, abs=1e-5), key  # fp32 rounding of sums
     assert history["ours"][-1]["loss"] < history["ours"][0]["loss"]
 
 

@@ -6,7 +6,9 @@ frozen SFT adapter). See README.md.
 
 from .collator import PreferenceCollator
 from .config import DPOConfig, QLoRAModelConfig
-from .data import load_preference_dataset, validate_preference_dataset
+from .data import load_preference_dataset, to_conversational, validate_preference_dataset
+from .export import merge_adapter
+from .implicit_reward import ImplicitReward
 from .losses import LOSSES
 from .metrics import DisplacementAlarmCallback, MetricsHistoryCallback, ThroughputCallback, add_metric_callbacks
 from .models import load_qlora_model
@@ -22,6 +24,7 @@ __all__ = [
     "DPOConfig",
     "DPOTrainer",
     "DisplacementAlarmCallback",
+    "ImplicitReward",
     "LOSSES",
     "MetricsHistoryCallback",
     "PreferenceCollator",
@@ -33,7 +36,9 @@ __all__ = [
     "get_trainer",
     "load_preference_dataset",
     "load_qlora_model",
+    "merge_adapter",
     "preference_accuracy",
     "reward_margins",
+    "to_conversational",
     "validate_preference_dataset",
 ]

@@ -21,6 +21,19 @@ class DPOConfig(trl.DPOConfig):
         save_metrics_plot (`bool`, *optional*, defaults to `True`):
             Save the metric history (`metrics_history.json`) and a PNG plot (`metrics.png`) in `output_dir` at the end
             of training.
+        share_prompt (`bool`, *optional*, defaults to `True`):
+            Run each pair as one `[prompt│chosen│rejected]` sequence with a block attention mask, so the prompt is
+            computed once instead of twice (policy and reference). Same log-probs as the plain layout. Falls back to
+            the plain layout, with a logged reason, where the model cannot take a custom 4D mask.
+        packing (`bool`, *optional*, defaults to `False`):
+            Put all sequences of a batch in one row with per-sequence position ids and a block-diagonal mask: no pad
+            token is computed. Works with `share_prompt`. TRL's `padding_free=True` turns this on.
+        ref_cache (`bool`, *optional*, defaults to `False`):
+            Compute the reference log-probs of the datasets once, store them under `ref_cache_dir` (safetensors), and
+            read them back instead of running a reference forward in every step. Reused across runs with the same
+            base, data, lengths and layout (a β or loss-type sweep too).
+        ref_cache_dir (`str`, *optional*):
+            Where the reference cache lives; defaults to `$TRL_DPO_EXT_CACHE/ref_logps` (`~/.cache/trl_dpo_ext`).
     """
 
     padding_side: str = field(
@@ -43,11 +56,44 @@ class DPOConfig(trl.DPOConfig):
         metadata={"help": "Save metrics_history.json and metrics.png in output_dir at the end of training."},
     )
 
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each pair as one [prompt|chosen|rejected] sequence with a block attention mask: the prompt "
+            "is computed once. Same log-probs; falls back to the plain layout where the model takes no custom 4D mask."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack all sequences of a batch into one row (per-sequence position ids, block-diagonal mask): no "
+            "pad token is computed. Works with share_prompt. padding_free=True turns it on."
+        },
+    )
+    ref_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute reference log-probs once, store them in ref_cache_dir (safetensors) and skip the "
+            "reference forward in training. Reused across runs with the same base, data, lengths and layout."
+        },
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of the reference cache; default: $TRL_DPO_EXT_CACHE/ref_logps."},
+    )
+
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"`padding_side` must be 'right' or 'left', got {self.padding_side!r}.")
         if self.displacement_margin < 0:
             raise ValueError(f"`displacement_margin` must be >= 0, got {self.displacement_margin}.")
+        if self.padding_free:
+            # TRL 1.16 disables its own padding_free with a warning; here it is implemented, as `packing`.
+            self.packing, self.padding_free = True, False
+        if self.ref_cache and self.precompute_ref_log_probs:
+            raise ValueError("`ref_cache` and `precompute_ref_log_probs` both precompute the reference: set one.")
+        if self.ref_cache and self.sync_ref_model:
+            raise ValueError("`ref_cache` needs a fixed reference, but `sync_ref_model=True` updates it.")
         super().__post_init__()
 
 
@@ -115,6 +161,15 @@ class RecipeArguments:
         metadata={
             "help": "Pairs of the test split whose implicit-reward accuracy is measured before and after training; "
             "0 skips the measurement."
+        },
+    )
+    dataset_format: str = field(
+        default="as_is",
+        metadata={
+            "help": "'as_is' trains on the rows as they come (TRL's standard or conversational formats); 'chat' turns "
+            "standard rows whose prompt is a 'User: ...\\nAssistant:' transcript (like the bundled set) into "
+            "conversational rows rendered by the tokenizer's chat template.",
+            "choices": ["as_is", "chat"],
         },
     )
 

@@ -4,8 +4,13 @@ Accepted rows are TRL's preference formats:
 - standard: `prompt`, `chosen`, `rejected` non-empty strings;
 - conversational, explicit prompt: `prompt`, `chosen`, `rejected` lists of `{"role": str, "content": str}` messages;
 - conversational, implicit prompt: `chosen` and `rejected` full conversations sharing the prompt turns.
+
+Conversational rows are rendered by the tokenizer's chat template when TRL tokenizes them. `to_conversational` turns
+standard rows whose prompt is a `"User: ...\nAssistant:"` transcript (the bundled set's shape) into explicit-prompt
+conversational rows.
 """
 
+import re
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
@@ -79,6 +84,11 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
     for row, (chosen, rejected) in enumerate(zip(values["chosen"], values["rejected"])):
         if chosen == rejected:
             raise ValueError(f"{name} dataset: row {row}: 'chosen' equals 'rejected', so the pair has no preference.")
+        if conversational and "prompt" not in columns and chosen[0] != rejected[0]:
+            raise ValueError(
+                f"{name} dataset: row {row}: 'chosen' and 'rejected' differ from their first message, so the implicit "
+                "prompt (their shared leading messages) is empty; add a 'prompt' column or the shared user turn."
+            )
 
 
 def _is_messages(value) -> bool:
@@ -103,3 +113,56 @@ def _check_value(value, conversational: bool) -> str | None:
     if not value.strip():
         return "empty or whitespace-only string"
     return None
+
+
+# A transcript turn: "User: ...", "Assistant: ...", "System: ..." at the start of a line.
+_TURN = re.compile(r"^(System|User|Assistant):", re.MULTILINE)
+
+
+def transcript_messages(text: str) -> list[dict[str, str]]:
+    """
+    Messages of a `"User: ...\nAssistant:"` transcript. A final empty `Assistant:` turn is the cue for the answer (the
+    chat template's generation prompt), so it is dropped; text that does not start with a turn is one user message.
+
+    Example:
+    ```python
+    >>> transcript_messages("User: Any advice?\nAssistant:")
+    [{'role': 'user', 'content': 'Any advice?'}]
+    ```
+    """
+    turns = list(_TURN.finditer(text))
+    if not turns or turns[0].start() != 0:
+        return [{"role": "user", "content": text.strip()}]
+    ends = [turn.start() for turn in turns[1:]] + [len(text)]
+    messages = [
+        {"role": turn.group(1).lower(), "content": text[turn.end() : end].strip()} for turn, end in zip(turns, ends)
+    ]
+    if messages[-1] == {"role": "assistant", "content": ""}:
+        messages.pop()
+    return messages
+
+
+def to_conversational(dataset: Dataset) -> Dataset:
+    """
+    Standard preference rows as TRL's conversational format with an explicit prompt: the prompt becomes the messages
+    of its transcript (see [`transcript_messages`]) and each answer one assistant message. Rows already
+    conversational are returned unchanged.
+
+    Example:
+    ```python
+    >>> row = {"prompt": "User: Any advice?\nAssistant:", "chosen": " Sure! Buy it.", "rejected": " No."}
+    >>> to_conversational(Dataset.from_list([row]))[0]["chosen"]
+    [{'role': 'assistant', 'content': 'Sure! Buy it.'}]
+    ```
+    """
+    if _is_messages(dataset[0]["chosen"]):
+        return dataset
+
+    def convert(row: dict) -> dict:
+        return {
+            "prompt": transcript_messages(row["prompt"]),
+            "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": row["rejected"].strip()}],
+        }
+
+    return dataset.map(convert, desc="Converting to conversational rows")

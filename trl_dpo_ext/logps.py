@@ -1,16 +1,33 @@
-"""Per-sequence log-probabilities of the completions, from one forward through TRL's fused LM head.
+"""Per-sequence log-probabilities of the answers, from one forward through TRL's fused LM head, whatever the layout.
 
 The fused head (`trl.trainer.utils.add_fused_lm_head`, installed by `trl.DPOTrainer`) projects only the positions with
-a label, in chunks, and never materializes the `(batch, seq, vocab)` logits.
+a label, in chunks, and never materializes the `(rows, T, vocab)` logits. In every layout of `layout.py` the label of
+position t is token t+1 of the same row, so one shifted forward scores all answers; `sequence_index` says which of the
+2B answers each label belongs to.
 """
 
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
+
+from .layout import additive_mask, block_attention_mask
 
 
 # Batch keys that describe the layout or carry precomputed values; everything else goes to the model.
-NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+NON_MODEL_KEYS = frozenset(
+    {
+        "completion_mask",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "ref_token_logps",
+        "doc_ids",
+        "branch_ids",
+        "sequence_index",
+        "num_tokens",
+        "answer_lengths",
+    }
+)
 
 
 @dataclass
@@ -19,42 +36,91 @@ class TokenLogps:
     Next-token statistics of one forward, aligned with `input_ids[:, 1:]`.
 
     Attributes:
-        logps (`torch.Tensor` of shape `(N, T-1)`): log p(x_{t+1} | x_{≤t}); 0 where `mask` is 0.
-        mask (`torch.Tensor` of shape `(N, T-1)`): 1 where x_{t+1} is a completion token.
-        entropy, mean_logits, is_top1 (`torch.Tensor` of shape `(N, T-1)`, *optional*): extra fused-head outputs.
+        logps (`torch.Tensor` of shape `(rows, T-1)`): log p(x_{t+1} | context of x_{t+1}); 0 off the answers.
+        index (`torch.Tensor` of shape `(rows, T-1)`): which answer x_{t+1} belongs to: b for the chosen answer of pair
+            b, B + b for its rejected one, -1 if it is no answer token.
+        num_sequences (`int`): 2B.
+        one_per_row (`bool`): the plain layout, where row r is answer r.
+        entropy, mean_logits, is_top1 (`torch.Tensor` of shape `(rows, T-1)`, *optional*): extra fused-head outputs.
     """
 
     logps: torch.Tensor
-    mask: torch.Tensor
+    index: torch.Tensor
+    num_sequences: int
+    one_per_row: bool = False
     entropy: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
 
+    @property
+    def mask(self) -> torch.Tensor:
+        """1.0 on answer tokens, shape `(rows, T-1)`."""
+        return (self.index >= 0).to(self.logps.dtype)
+
+    def chosen_mask(self) -> torch.Tensor:
+        return ((self.index >= 0) & (self.index < self.num_sequences // 2)).to(self.logps.dtype)
+
+    def rejected_mask(self) -> torch.Tensor:
+        return (self.index >= self.num_sequences // 2).to(self.logps.dtype)
+
+    def per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ of a per-token quantity over each answer, shape `(2B,)`: chosen answers first, then rejected ones."""
+        if self.one_per_row:  # TRL's own reduction, so the plain layout matches stock TRL bit for bit
+            return (values * self.mask).sum(dim=1)
+        # Masking instead of boolean indexing: no host-device sync, so the GPU never waits for the CPU here.
+        totals = values.new_zeros(self.num_sequences)
+        return totals.index_add(0, self.index.clamp(min=0).flatten(), (values * self.mask).flatten())
+
     def sequence_logps(self) -> torch.Tensor:
-        """Σ_t log p over completion tokens, shape `(N,)` (Rafailov et al. 2023, Eq. 7 uses log π(y|x) this way)."""
-        return (self.logps * self.mask).sum(dim=1)
+        """log π(y|x) = Σ_t log p over answer tokens, shape `(2B,)` (Rafailov et al. 2023, Eq. 7)."""
+        return self.per_sequence(self.logps)
 
     def lengths(self) -> torch.Tensor:
-        """Completion lengths in tokens, shape `(N,)`."""
-        return self.mask.sum(dim=1)
+        """Answer lengths in tokens, shape `(2B,)`."""
+        return self.per_sequence(self.mask)
+
+    def answer_values(self) -> list[list[float]]:
+        """Per-token log-probs of each of the 2B answers, in token order (what the reference cache stores)."""
+        selected = self.index >= 0
+        flat_index = self.index[selected]
+        order = torch.sort(flat_index, stable=True).indices  # row-major order within an answer is token order
+        values = self.logps[selected][order].float().cpu()
+        counts = torch.bincount(flat_index, minlength=self.num_sequences).cpu().tolist()
+        return [chunk.tolist() for chunk in values.split(counts)]
+
+
+def sequence_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, bool]:
+    """The batch's `sequence_index`, 2B, and whether it is the plain layout (derived from `completion_mask` there)."""
+    if "sequence_index" in batch:
+        return batch["sequence_index"], batch["answer_lengths"].size(0), False
+    completion_mask = batch["completion_mask"]
+    rows = torch.arange(completion_mask.size(0), device=completion_mask.device)[:, None]
+    return torch.where(completion_mask.bool(), rows, -1), completion_mask.size(0), True
+
+
+def cached_reference_logps(batch: dict[str, torch.Tensor]) -> TokenLogps:
+    """Reference log-probs read from the batch (from the reference cache): no forward at all."""
+    index, num_sequences, one_per_row = sequence_index(batch)
+    return TokenLogps(batch["ref_token_logps"][:, 1:], index[:, 1:], num_sequences, one_per_row)
 
 
 def completion_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogps:
     """
-    Run `model` on a collated batch and return the log-prob of every completion token.
+    Run `model` on a collated batch (any layout of `PreferenceCollator`) and return the log-prob of every answer token.
 
     Args:
         model: a causal LM patched with TRL's fused LM head (optionally wrapped by peft / accelerate).
-        batch: `input_ids`, `attention_mask`, `completion_mask` of shape `(N, T)`; optional `position_ids` or other
-            model inputs.
+        batch: `input_ids`, `completion_mask`, `position_ids` of shape `(rows, T)`, and either a 2D `attention_mask`
+            (plain layout) or `doc_ids`/`branch_ids` (shared-prompt / packed layouts, turned into a 4D mask here).
     """
     model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     model_kwargs["use_cache"] = False
-    completion_mask = batch["completion_mask"]
-    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    if "doc_ids" in batch:
+        model_kwargs["attention_mask"] = _layout_mask(model, batch["doc_ids"], batch["branch_ids"])
+    index, num_sequences, one_per_row = sequence_index(batch)
+    labels = batch["input_ids"].masked_fill(index < 0, -100)
     outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-    mask = completion_mask[:, 1:]
-    seq_len = mask.size(1)
+    seq_len = index.size(1) - 1
     # Prompt-learning adapters prepend virtual tokens; keep the positions of the real ones.
     tail = {
         name: None if getattr(outputs, name, None) is None else getattr(outputs, name)[:, -seq_len:]
@@ -62,8 +128,20 @@ def completion_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
     }
     return TokenLogps(
         logps=tail["log_probs"],
-        mask=mask.to(tail["log_probs"].dtype),
+        index=index[:, 1:],
+        num_sequences=num_sequences,
+        one_per_row=one_per_row,
         entropy=tail["entropy"],
         mean_logits=tail["mean_logits"],
         is_top1=tail["is_top1"],
     )
+
+
+def _layout_mask(model: torch.nn.Module, doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    # SDPA takes the boolean mask as is; eager attention adds its mask to the scores, so it needs the additive form.
+    mask = block_attention_mask(doc_ids, branch_ids)
+    base = extract_model_from_parallel(model)
+    config = base.get_base_model().config if hasattr(base, "get_base_model") else base.config
+    if config._attn_implementation == "eager":
+        return additive_mask(mask, base.get_input_embeddings().weight.dtype)
+    return mask

@@ -59,23 +59,21 @@ def reward_metrics(
     }
 
 
-def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """
-    Sequence-level estimate of KL(π‖π_ref) from per-token log-probs: Σ_t k3_t with k3 = (ρ − 1) − log ρ and
-    ρ = π_ref/π at the observed token (Schulman 2020, "Approximating KL divergence"). k3 is never negative and is
-    unbiased when the tokens are sampled from π; on the chosen completions of a preference set it is an estimate of
-    how far the policy has moved on that data.
+    Per-token terms of an estimate of KL(π‖π_ref): k3 = (ρ − 1) − log ρ with ρ = π_ref/π at the observed token
+    (Schulman 2020, "Approximating KL divergence"). Summed over a sequence's tokens they estimate its sequence-level
+    KL; k3 is never negative and is unbiased when the tokens are sampled from π. On the chosen answers of a preference
+    set it measures how far the policy has moved on that data.
 
     Args:
-        policy_logps, ref_logps: `(B, T)` per-token log-probs.
-        mask: `(B, T)` 1 on the tokens to count.
+        policy_logps, ref_logps: per-token log-probs of the same tokens, any (equal) shape.
 
     Returns:
-        `torch.Tensor` of shape `(B,)`.
+        `torch.Tensor` of the same shape, detached.
     """
     log_ratio = (ref_logps - policy_logps).detach()
-    k3 = torch.expm1(log_ratio) - log_ratio
-    return (k3 * mask).sum(dim=1)
+    return torch.expm1(log_ratio) - log_ratio
 
 
 def peak_memory_mib() -> float:

@@ -16,23 +16,36 @@ import torch
 import trl
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .collator import PreferenceCollator
 from .config import DPOConfig
 from .data import validate_preference_dataset
-from .logps import TokenLogps, completion_token_logps
+from .defaults import cache_dir
+from .layout import unsupported_reasons
+from .logps import TokenLogps, cached_reference_logps, completion_token_logps
 from .losses import LOSSES, preference_loss
 from .metrics import (
     DisplacementAlarmCallback,
     MetricsHistoryCallback,
     ThroughputCallback,
     add_metric_callbacks,
-    kl_estimate,
+    kl_terms,
     reward_metrics,
 )
+from .model_card import extend_model_card, save_model_files
 from .models import is_identity_adapter
+from .refcache import (
+    CACHE_COLUMNS,
+    cache_key,
+    cache_path,
+    load_reference_cache,
+    save_reference_cache,
+    weights_fingerprint,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -41,6 +54,7 @@ logger = logging.getLogger(__name__)
 TRL_HOOKS = {
     "_compute_loss": ("self", "model", "inputs", "return_outputs"),
     "_prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name"),
+    "_set_signature_columns_if_needed": ("self",),
 }
 
 
@@ -51,7 +65,7 @@ class DPOTrainer(trl.DPOTrainer):
     of an SFT adapter), so no second copy of the base is ever loaded.
 
     On top of TRL's metrics it logs `logps/ref_chosen`, `logps/ref_rejected`, `kl` (see
-    [`trl_dpo_ext.metrics.kl_estimate`]), `displacement`, `tokens_per_second` and `memory/peak_mib`, warns once on
+    [`trl_dpo_ext.metrics.kl_terms`]), `displacement`, `tokens_per_second` and `memory/peak_mib`, warns once on
     likelihood displacement, and saves the metric history and a plot in `output_dir` when training ends.
     """
 
@@ -65,6 +79,10 @@ class DPOTrainer(trl.DPOTrainer):
         super().__init__(model, ref_model, args, data_collator, *pargs, **kwargs)
         if copies_adapter:
             self._drop_identity_ref_adapter()
+        self._stock_loss_reasons = self._reasons_for_stock_loss()
+        if self._stock_loss_reasons:
+            logger.warning("Using stock TRL's loss because %s.", "; ".join(self._stock_loss_reasons))
+        self.share_prompt, self.packing = self._choose_layout(args)
         if data_collator is None and not self._is_vision_dataset:
             self.data_collator = PreferenceCollator(
                 pad_token_id=self.data_collator.pad_token_id,
@@ -72,10 +90,15 @@ class DPOTrainer(trl.DPOTrainer):
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 padding_side=getattr(args, "padding_side", "right"),
+                share_prompt=self.share_prompt,
+                packing=self.packing,
             )
-        self._stock_loss_reasons = self._reasons_for_stock_loss()
-        if self._stock_loss_reasons:
-            logger.warning("Using stock TRL's loss because %s.", "; ".join(self._stock_loss_reasons))
+        if getattr(args, "ref_cache", False):
+            self.train_dataset = self._with_reference_cache(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._with_reference_cache(v, k) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_cache(self.eval_dataset, "eval")
         add_metric_callbacks(
             self,
             [
@@ -107,6 +130,82 @@ class DPOTrainer(trl.DPOTrainer):
         ]
         return [reason for failed, reason in checks if failed]
 
+    def _choose_layout(self, args) -> tuple[bool, bool]:
+        # Why: the shared-prompt and packed layouts need a model that takes a custom 4D mask and a loss computed
+        # here; anything else runs TRL's plain layout, with the reason logged.
+        wanted = {"share_prompt": getattr(args, "share_prompt", False), "packing": getattr(args, "packing", False)}
+        if not any(wanted.values()):
+            return False, False
+        models = [self.accelerator.unwrap_model(self.model)] + ([self.ref_model] if self.ref_model is not None else [])
+        reasons = [reason for m in models for reason in unsupported_reasons(_base_config(m))]
+        if self._stock_loss_reasons:
+            reasons.append("stock TRL's loss reads the plain layout")
+        if args.precompute_ref_log_probs:
+            reasons.append("precompute_ref_log_probs runs TRL's plain-layout reference pass (use ref_cache instead)")
+        if self.compute_metrics is not None:
+            reasons.append("compute_metrics needs the plain layout's logits")
+        if any(getattr(m, "active_peft_config", None) and m.active_peft_config.is_prompt_learning for m in models):
+            reasons.append("prompt-learning adapters prepend virtual tokens")
+        if reasons:
+            on = [name for name, value in wanted.items() if value]
+            logger.warning("Plain layout instead of %s because %s.", " + ".join(on), "; ".join(dict.fromkeys(reasons)))
+            return False, False
+        return wanted["share_prompt"], wanted["packing"]
+
+    def _with_reference_cache(self, dataset, name: str):
+        """`dataset` plus per-token reference log-probs as columns: read from the cache, or computed and stored."""
+        if not isinstance(dataset, Dataset):
+            raise ValueError(f"ref_cache needs a map-style datasets.Dataset; the {name} dataset is {type(dataset)}.")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        source = self.ref_model or unwrapped
+        adapter = "ref" if self.ref_model is None and "ref" in getattr(unwrapped, "peft_config", {}) else None
+        reference = "ref_model" if self.ref_model is not None else f"adapter:{adapter}" if adapter else "adapters_off"
+        key = cache_key(
+            weights_fingerprint(source, adapter),
+            dataset,
+            reference=reference,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
+            share_prompt=self.share_prompt,
+            packing=self.packing,
+            attention=_base_config(source)._attn_implementation,
+        )
+        path = cache_path(self.args.ref_cache_dir or cache_dir() / "ref_logps", key)
+        # The main process computes and writes; the others then read the same file.
+        with self.accelerator.main_process_first():
+            cached = load_reference_cache(path, key)
+            if cached is None:
+                cached = self._reference_answer_logps(dataset, name)
+                if self.accelerator.is_main_process:
+                    save_reference_cache(path, key, *cached)
+                logger.info("Reference cache for the %s dataset written to %s", name, path)
+            else:
+                logger.info("Reference cache hit for the %s dataset: %s", name, path)
+        chosen, rejected = cached
+        return dataset.add_column(CACHE_COLUMNS[0], chosen).add_column(CACHE_COLUMNS[1], rejected)
+
+    @torch.no_grad()
+    def _reference_answer_logps(self, dataset: Dataset, name: str) -> tuple[list, list]:
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
+        )
+        chosen, rejected = [], []
+        description = f"Reference log-probs of the {name} dataset (computed once, then cached)"
+        for batch in tqdm(loader, desc=description, disable=self.args.disable_tqdm):
+            with self.accelerator.autocast():
+                answers = self._reference_token_logps(self._prepare_inputs(batch)).answer_values()
+            chosen += answers[: len(answers) // 2]
+            rejected += answers[len(answers) // 2 :]
+        return chosen, rejected
+
+    def _set_signature_columns_if_needed(self):
+        # Why: the Trainer drops dataset columns that are not in the signature; keep the cached reference columns.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *CACHE_COLUMNS]
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Why: bad rows must fail before training with the column and row named, and TRL's silent drop of rows whose
         # prompt fills `max_length` must be counted and reported (an empty dataset is an error, not a no-op run).
@@ -127,8 +226,8 @@ class DPOTrainer(trl.DPOTrainer):
         return prepared
 
     def _compute_loss(self, model, inputs, return_outputs):
-        # Why: one path for policy, reference, loss and metrics that later layouts and reference sources plug into;
-        # TRL's own path for the options this package does not compute itself.
+        # Why: one path for policy, reference, loss and metrics, whatever the layout or the reference source; TRL's
+        # own path for the options this package does not compute itself.
         if return_outputs or self._stock_loss_reasons:
             return super()._compute_loss(model, inputs, return_outputs)
         policy = completion_token_logps(model, inputs)
@@ -151,13 +250,15 @@ class DPOTrainer(trl.DPOTrainer):
         )
         per_pair = reward_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, self.beta)
         if reference is not None:
-            chosen_mask = policy.mask.chunk(2)[0]
-            per_pair["kl"] = kl_estimate(policy.logps.chunk(2)[0], reference.logps.chunk(2)[0], chosen_mask)
+            per_pair["kl"] = policy.per_sequence(kl_terms(policy.logps, reference.logps)).chunk(2)[0]
         self._record_metrics(inputs, policy, per_pair)
         return loss
 
     def _reference_token_logps(self, inputs: dict[str, torch.Tensor]) -> TokenLogps:
-        """Reference log-probs: `ref_model` if given, else the policy with adapters off (or the frozen "ref" one)."""
+        """Reference log-probs: from the cache if the batch has them, else `ref_model`, else the policy with adapters
+        off (or the frozen "ref" adapter)."""
+        if "ref_token_logps" in inputs:
+            return cached_reference_logps(inputs)
         adapter = contextlib.nullcontext()
         model = self.ref_model
         if model is None:
@@ -184,13 +285,34 @@ class DPOTrainer(trl.DPOTrainer):
             total, count = gather((values * mask).sum().float()).sum(), gather(mask.sum().float()).sum()
             return (total / count).item() if count > 0 else 0.0
 
-        mask = policy.mask
-        chosen_mask, rejected_mask = mask.chunk(2)
-        metrics["entropy"].append(token_mean(policy.entropy.detach(), mask))
-        chosen_logits, rejected_logits = policy.mean_logits.detach().chunk(2)
-        metrics["logits/chosen"].append(token_mean(chosen_logits, chosen_mask))
-        metrics["logits/rejected"].append(token_mean(rejected_logits, rejected_mask))
-        metrics["mean_token_accuracy"].append(token_mean(policy.is_top1.chunk(2)[0].float(), chosen_mask))
+        chosen_mask = policy.chosen_mask()
+        metrics["entropy"].append(token_mean(policy.entropy.detach(), policy.mask))
+        metrics["logits/chosen"].append(token_mean(policy.mean_logits.detach(), chosen_mask))
+        metrics["logits/rejected"].append(token_mean(policy.mean_logits.detach(), policy.rejected_mask()))
+        metrics["mean_token_accuracy"].append(token_mean(policy.is_top1.float(), chosen_mask))
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+            # TRL's count: the tokens of the plain layout (each prompt twice), whatever layout actually ran.
+            self._total_train_tokens += gather(inputs["num_tokens"].reshape(1)).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *, dataset_name=None) -> None:
+        """
+        Save as [`transformers.Trainer.save_model`] does, plus `dpo_config.json` and, for a final save (not a
+        checkpoint), the model card `README.md`: see [`trl_dpo_ext.model_card.save_model_files`].
+
+        Args:
+            output_dir (`str`, *optional*): where to save; `args.output_dir` by default.
+            dataset_name (`str`, *optional*): Hub id of the training data, for the model card's `datasets` field.
+        """
+        super().save_model(output_dir, _internal_call)
+        save_model_files(self, output_dir or self.args.output_dir, final=not _internal_call, dataset_name=dataset_name)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        """TRL's model card in `args.output_dir`, extended by [`trl_dpo_ext.model_card.extend_model_card`]."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            extend_model_card(self, self.args.output_dir, dataset_name)
+
+
+def _base_config(model: torch.nn.Module):
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).config

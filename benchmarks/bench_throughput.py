@@ -1,0 +1,445 @@
+"""Steps/s, tokens/s and peak memory of `trl_dpo_ext.DPOTrainer` against stock `trl.DPOTrainer`.
+
+    python benchmarks/bench_throughput.py                 # CPU: three workloads, alternating runs, 2 cores
+    python benchmarks/bench_throughput.py --device cuda   # GPU: 8B- and 1.5B-shaped QLoRA models
+
+Both trainers get the same 4-bit NF4 base (random weights built from a config: speed and memory do not depend on the
+values), the same LoRA config (r=16, all linear layers), the same data and the same `DPOConfig` (dtype, gradient
+checkpointing, batch size, max length); the only differences are the trainer class and our layout/cache flags.
+Workloads, each a pair of prompt / answer lengths (±25 % per row, so batches have padding as real data does):
+
+- (a) prompt-heavy: prompt ≈ 4 × answer;  (b) balanced: prompt ≈ answer;
+- (c) = (a) with a warm reference cache (`ref_cache=True`, cache built beforehand, untimed).
+
+Runs alternate stock / ours within each repeat; the table gives medians over repeats and the median of the per-repeat
+ratios. On the CPU every run is its own process so that its peak RSS is its own. Tokens/s counts the same tokens for
+both trainers (TRL's `num_tokens`: prompt + answer of every sequence), so its ratio is the steps/s ratio; what differs
+is how many tokens each trainer actually computes.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+REPO = Path(__file__).resolve().parents[1]
+WORKLOADS = {"a": ("prompt-heavy", 4.0), "b": ("balanced", 1.0), "c": ("prompt-heavy, warm ref cache", 4.0)}
+# Small enough for 2 CPU cores, with a realistic 32k-vocabulary LM head and enough layers that the body, not the head,
+# holds most of the compute (as in real models: ~93 % body for Llama-3-8B).
+CPU_MODEL = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly `vocab_size` entries ("w0", "w1", ...): one token per word, no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def preference_rows(n: int, sequence_length: int, prompt_share: float, vocab_size: int, seed: int) -> list[dict]:
+    """Random word sequences: prompt + answer ≈ `sequence_length` tokens, prompt ≈ `prompt_share` × answer."""
+    generator = torch.Generator().manual_seed(seed)
+    answer = sequence_length / (1 + prompt_share)
+
+    def words(mean: float) -> str:
+        length = int(mean * (0.75 + 0.5 * torch.rand(1, generator=generator).item()))
+        ids = torch.randint(3, vocab_size - 1, (max(length, 1),), generator=generator)
+        return " ".join(f"w{i}" for i in ids.tolist())
+
+    return [
+        {"prompt": words(answer * prompt_share), "chosen": " " + words(answer), "rejected": " " + words(answer)}
+        for _ in range(n)
+    ]
+
+
+class StepTimer:
+    """Wall time of the steps after the warm-up ones (synchronizing CUDA so a step's time is its own)."""
+
+    def __init__(self, warmup: int):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if state.global_step == warmup:
+                    timer.start, timer.start_tokens = time.perf_counter(), None
+                timer.end = time.perf_counter()
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "num_tokens" in logs:
+                    if state.global_step == warmup:
+                        timer.start_tokens = logs["num_tokens"]
+                    timer.end_tokens = logs["num_tokens"]
+
+        self.callback = Callback()
+        self.start = self.end = self.start_tokens = self.end_tokens = None
+
+
+class PeakRSS:
+    """Peak resident memory of this process while training, sampled every 2 ms (CPU has no allocator peak counter)."""
+
+    def __init__(self):
+        import psutil
+
+        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settings: dict) -> dict:
+    """Train `warmup + steps` steps with one trainer and measure the timed steps."""
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    import trl_dpo_ext
+
+    ours = impl == "ours"
+    config_class, trainer_class = (
+        (trl_dpo_ext.DPOConfig, trl_dpo_ext.DPOTrainer) if ours else (trl.DPOConfig, trl.DPOTrainer)
+    )
+    flags = dict(share_prompt=True, packing=settings["packing"], ref_cache=workload == "c") if ours else {}
+    args = config_class(
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        per_device_train_batch_size=settings["batch_size"],
+        max_length=settings["max_length"],
+        max_steps=settings["warmup"] + settings["steps"],
+        learning_rate=1e-4,
+        logging_steps=1,
+        bf16=settings["bf16"],
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        **flags,
+        **({"ref_cache_dir": settings["cache_dir"]} if ours else {}),
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    timer = StepTimer(settings["warmup"])
+    trainer = trainer_class(
+        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
+    )
+    trainer.add_callback(timer.callback)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start_memory = torch.cuda.memory_allocated()
+    with PeakRSS() as rss:
+        trainer.train()
+    elapsed = timer.end - timer.start
+    result = {
+        "impl": impl,
+        "workload": workload,
+        "steps_per_second": settings["steps"] / elapsed,
+        "tokens_per_second": (timer.end_tokens - timer.start_tokens) / elapsed,
+        "peak_rss_mib": rss.peak / 2**20,
+    }
+    if cuda:
+        result["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["start_allocated_mib"] = start_memory / 2**20
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------- CPU mode
+
+
+def run_settings(args, max_length: int, cuda: bool) -> dict:
+    """What `run_once` needs; bf16 and gradient checkpointing as TRL defaults them on a GPU, off on a CPU."""
+    return dict(
+        batch_size=args.batch_size,
+        max_length=max_length,
+        warmup=args.warmup,
+        steps=args.steps,
+        bf16=cuda,
+        gradient_checkpointing=cuda,
+        packing=args.packing,
+        cache_dir=str(args.workdir / "ref_cache"),
+    )
+
+
+def prepare_cpu(args) -> None:
+    """Save the random tiny model and tokenizer once; every worker loads the same files in 4-bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = args.workdir / "model"
+    if (model_dir / "config.json").exists():
+        return
+    tokenizer = word_tokenizer(CPU_MODEL["vocab_size"])
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(**CPU_MODEL, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+
+
+def cpu_worker(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_dpo_ext.models import nf4_config
+
+    model_dir = args.workdir / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(torch.float32))
+    prompt_share = WORKLOADS[args.workload][1]
+    rows_needed = args.batch_size * (args.warmup + args.steps)
+    rows = preference_rows(rows_needed, args.sequence_length, prompt_share, CPU_MODEL["vocab_size"], seed=1)
+    # max_length leaves room for the +25 % rows: nothing is truncated.
+    settings = run_settings(args, args.sequence_length + args.sequence_length // 2, cuda=False)
+    print("RESULT " + json.dumps(run_once(args.impl, args.workload, base, tokenizer, rows, settings)))
+
+
+def spawn(args, impl: str, workload: str) -> dict:
+    command = [sys.executable, __file__, "--worker", "--impl", impl, "--workload", workload]
+    for name in ("workdir", "batch_size", "sequence_length", "warmup", "steps"):
+        command += [f"--{name}", str(getattr(args, name))]
+    command += ["--packing"] if args.packing else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {impl}/{workload} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_cpu(args) -> list[dict]:
+    prepare_cpu(args)
+    # Untimed: build the reference cache for (c) (same rows, model and flags as the timed runs of (c)).
+    spawn(args, "ours", "c")
+    results = []
+    for repeat in range(args.repeats):
+        for impl, workload in (("stock", "a"), ("ours", "a"), ("ours", "c"), ("stock", "b"), ("ours", "b")):
+            result = spawn(args, impl, workload) | {"repeat": repeat}
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    # (c) is compared with the stock runs of (a): stock has no cache, so its (a) and (c) configs are the same.
+    results += [r | {"workload": "c"} for r in results if r["impl"] == "stock" and r["workload"] == "a"]
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------- GPU mode
+
+
+def run_gpu(args) -> list[dict]:
+    """All runs in one process (imports cost ~30 s there); `max_memory_allocated` is reset before each run."""
+    import gc
+
+    from benchmarks.gpu_models import random_nf4_base, shape_config
+
+    results = []
+    for shape in args.shapes:
+        vocab = shape_config(shape).vocab_size
+        tokenizer = word_tokenizer(vocab)
+        for sequence_length in args.sequence_lengths:
+            settings = run_settings(args, sequence_length, cuda=True)
+            for workload in args.workloads:
+                # Rows sized so that +25 % rows still fit in max_length (nothing truncated).
+                rows = preference_rows(
+                    args.batch_size * (args.warmup + args.steps),
+                    int(sequence_length / 1.25),
+                    WORKLOADS[workload][1],
+                    vocab,
+                    seed=1,
+                )
+                for repeat in range(args.repeats):
+                    for impl in ("stock", "ours"):
+                        base = random_nf4_base(shape, device="cuda")
+                        result = run_once(impl, workload, base, tokenizer, rows, settings)
+                        result |= {"shape": shape, "sequence_length": sequence_length, "repeat": repeat}
+                        results.append(result)
+                        print(json.dumps(result), flush=True)
+                        del base
+                        gc.collect()
+                        torch.cuda.empty_cache()
+    return results
+
+
+def fits(shape: str, sequence_length: int, budget_gib: float, impl: str, tokenizer, workload: str = "b") -> bool:
+    """Whether one training step at this pair length fits under a per-process memory cap of `budget_gib`."""
+    import gc
+
+    from benchmarks.gpu_models import random_nf4_base, shape_config
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
+    vocab = shape_config(shape).vocab_size
+    rows = preference_rows(2, int(sequence_length / 1.25), WORKLOADS[workload][1], vocab, seed=2)
+    settings = dict(
+        batch_size=1,
+        max_length=sequence_length,
+        warmup=1,
+        steps=1,
+        bf16=True,
+        gradient_checkpointing=True,
+        packing=False,
+        cache_dir=tempfile.mkdtemp(),
+    )
+    base = None
+    try:
+        base = random_nf4_base(shape, device="cuda")
+        run_once(impl, workload, base, tokenizer, rows, settings)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+
+def table(results: list[dict], memory_key: str) -> str:
+    keys = sorted({(r.get("shape", "tiny-32k"), r.get("sequence_length"), r["workload"]) for r in results}, key=str)
+    lines = [
+        "| model | seq len | workload | stock steps/s | ours steps/s | steps/s ratio | stock tokens/s "
+        f"| ours tokens/s | stock peak {memory_key} | ours peak {memory_key} | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, length, workload in keys:
+        rows = {
+            impl: [
+                r
+                for r in results
+                if r["impl"] == impl
+                and r["workload"] == workload
+                and r.get("shape", "tiny-32k") == shape
+                and r.get("sequence_length") == length
+            ]
+            for impl in ("stock", "ours")
+        }
+        by_repeat = {impl: {r["repeat"]: r for r in rows[impl]} for impl in rows}
+        ratios = [
+            by_repeat["ours"][k]["steps_per_second"] / by_repeat["stock"][k]["steps_per_second"]
+            for k in by_repeat["ours"]
+            if k in by_repeat["stock"]
+        ]
+        memory_ratios = [
+            by_repeat["ours"][k][memory_key] / by_repeat["stock"][k][memory_key]
+            for k in by_repeat["ours"]
+            if k in by_repeat["stock"]
+        ]
+
+        def median(impl, key, rows=rows):
+            return statistics.median(r[key] for r in rows[impl])
+
+        lines.append(
+            f"| {shape} | {length or '-'} | ({workload}) {WORKLOADS[workload][0]} "
+            f"| {median('stock', 'steps_per_second'):.3f} | {median('ours', 'steps_per_second'):.3f} "
+            f"| **{statistics.median(ratios):.2f}×** | {median('stock', 'tokens_per_second'):.0f} "
+            f"| {median('ours', 'tokens_per_second'):.0f} | {median('stock', memory_key):.0f} "
+            f"| {median('ours', memory_key):.0f} | {statistics.median(memory_ratios):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=None, help="default: 4 on CPU, 2 on GPU")
+    parser.add_argument("--sequence_length", type=int, default=100, help="CPU: mean prompt + answer tokens")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--packing", action="store_true", help="ours: pack the batch into one row too")
+    parser.add_argument("--shapes", nargs="+", default=["qwen2.5-1.5b", "llama3-8b"])
+    parser.add_argument("--sequence_lengths", nargs="+", type=int, default=[1024, 2048])
+    parser.add_argument("--workloads", nargs="+", default=["a", "b"])
+    parser.add_argument(
+        "--fit", action="store_true", help="GPU: only find the largest max_length of llama3-8b in 16/24 GiB"
+    )
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "trl_dpo_ext_bench")
+    parser.add_argument("--out", type=Path, default=None, help="write the results (JSON) and table (markdown) here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["stock", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=list(WORKLOADS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (4 if args.device == "cpu" else 2)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        return cpu_worker(args)
+
+    started = time.perf_counter()
+    if args.fit:
+        results, report = [], fit_table()
+    elif args.device == "cpu":
+        results = run_cpu(args)
+        report = table(results, "peak_rss_mib")
+    else:
+        results = run_gpu(args)
+        report = table(results, "peak_allocated_mib")
+    runs = (
+        "batch 1, balanced split, one step per probe"
+        if args.fit
+        else f"{args.repeats} repeats × ({args.warmup} warm-up + {args.steps} timed steps) · batch {args.batch_size}"
+    )
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    header = f"device: {device} · torch {torch.__version__} · {runs} · wall {time.perf_counter() - started:.0f} s"
+    print(header + "\n\n" + report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = "fit_cuda" if args.fit else f"throughput_{args.device}"
+        (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+        (args.out / f"{name}.md").write_text(header + "\n\n" + report + "\n")
+
+
+def fit_table() -> str:
+    """Largest pair length (prompt + both answers, balanced split) that trains within each memory budget."""
+    tokenizer = word_tokenizer(128256)
+    lines = ["| budget | stock: largest max_length | ours: largest max_length |", "|---|---|---|"]
+    for budget in (16, 24):
+        best = {}
+        for impl in ("stock", "ours"):
+            low, high = 0, 32768  # bisect on multiples of 256
+            while high - low > 256:
+                middle = (low + high) // 2 // 256 * 256
+                if fits("llama3-8b", middle, budget, impl, tokenizer):
+                    low = middle
+                else:
+                    high = middle
+            best[impl] = low
+            print(json.dumps({"budget_gib": budget, "impl": impl, "largest_max_length": low}), flush=True)
+        lines.append(f"| {budget} GiB | {best['stock']} | {best['ours']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

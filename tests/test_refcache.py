@@ -1,0 +1,153 @@
+"""The reference log-prob cache: exact values, the key, refusal of bad files, and no reference forward when warm."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from trl_dpo_ext import DPOTrainer
+from trl_dpo_ext.refcache import (
+    CACHE_COLUMNS,
+    cache_key,
+    cache_path,
+    load_reference_cache,
+    save_reference_cache,
+    weights_fingerprint,
+)
+
+
+def lora(seed: int) -> LoraConfig:
+    # A random (non-zero) adapter: a different seed is a different policy, but the reference is the same base.
+    torch.manual_seed(seed)
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+
+
+@pytest.fixture
+def make_trainer(tokenizer, toy, dpo_args, load_4bit, tmp_path):
+    def make(seed: int = 0, **overrides) -> DPOTrainer:
+        settings = dict(ref_cache=True, ref_cache_dir=str(tmp_path / "cache"), per_device_train_batch_size=4)
+        args = dpo_args(**{**settings, **overrides})
+        peft_config = lora(seed)
+        rows = toy["train"].select(range(12))
+        return DPOTrainer(
+            model=load_4bit(), args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
+        )
+
+    return make
+
+
+def test_save_load_roundtrip_and_refusals(tmp_path):
+    key = {"num_rows": 2, "x": 1}
+    chosen, rejected = [[-1.5, -0.25], [-3.0]], [[-2.0], [-0.5, -0.125, -7.0]]
+    path = tmp_path / "c.safetensors"
+    save_reference_cache(path, key, chosen, rejected)
+    assert load_reference_cache(path, key) == (chosen, rejected)  # exact: float32 values of these are exact
+    assert load_reference_cache(tmp_path / "missing.safetensors", key) is None
+    with pytest.warns(UserWarning, match="recorded key does not match"):
+        assert load_reference_cache(path, {**key, "x": 2}) is None
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 9])  # truncated, as by a crash mid-write without the atomic rename
+    with pytest.warns(UserWarning, match="refused"):
+        assert load_reference_cache(path, key) is None
+    corrupt = bytearray(data)
+    corrupt[-3] ^= 0xFF  # one flipped byte in the payload
+    path.write_bytes(bytes(corrupt))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert load_reference_cache(path, key) is None
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert set(header) == {"__metadata__", "chosen", "chosen_offsets", "rejected", "rejected_offsets"}  # no pickle
+
+
+def test_cache_equals_on_the_fly_reference_and_is_reused(make_trainer, tmp_path, monkeypatch):
+    first = make_trainer(seed=0)
+    files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 1
+    batch = first._prepare_inputs(next(iter(first.get_train_dataloader())))
+    cached = first._reference_token_logps(batch).sequence_logps()
+    without_cache = {k: v for k, v in batch.items() if k != "ref_token_logps"}
+    computed = first._reference_token_logps(without_cache).sequence_logps()
+    torch.testing.assert_close(cached, computed, atol=1e-5, rtol=0)
+
+    # A β sweep, a loss-type sweep and a new LoRA initialisation: all the same reference, so no recompute.
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference was recomputed")
+
+    monkeypatch.setattr(DPOTrainer, "_reference_answer_logps", fail)
+    for overrides in ({"beta": 0.5}, {"loss_type": ["ipo"]}):
+        trainer = make_trainer(seed=1, **overrides)
+        assert trainer.train_dataset[CACHE_COLUMNS[0]] == first.train_dataset[CACHE_COLUMNS[0]]
+    assert list((tmp_path / "cache").glob("*.safetensors")) == files
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_length": 30},
+        {"truncation_mode": "keep_end", "max_length": 30},
+        {"share_prompt": False},
+        {"packing": True},
+    ],
+)
+def test_a_changed_key_recomputes(make_trainer, tmp_path, change):
+    make_trainer()
+    make_trainer(**change)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_key_depends_on_base_weights_and_tokens_not_on_lora(load_4bit, make_trainer):
+    trainer = make_trainer()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = weights_fingerprint(model)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data.add_(1.0)
+    assert weights_fingerprint(model) == before
+    base_param = next(p for n, p in model.named_parameters() if "lora_" not in n and p.dtype.is_floating_point)
+    base_param.data.add_(1.0)
+    assert weights_fingerprint(model) != before
+    rows = trainer.train_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    reordered = rows.select([1, 0, *range(2, len(rows))])
+    assert cache_key(before, rows)["tokens"] != cache_key(before, reordered)["tokens"]
+    assert cache_path("/c", cache_key(before, rows)) != cache_path("/c", cache_key(before, reordered))
+
+
+def test_corrupt_cache_file_is_recomputed(make_trainer, tmp_path):
+    first = make_trainer()
+    (path,) = (tmp_path / "cache").glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="refused"):
+        second = make_trainer()
+    assert second.train_dataset[CACHE_COLUMNS[1]] == first.train_dataset[CACHE_COLUMNS[1]]
+    assert load_reference_cache(path, json.loads(_metadata(path)["key"])) is not None  # rewritten whole
+
+
+def _metadata(path):
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def count_forwards(trainer) -> list[int]:
+    calls = [0]
+    body = trainer.accelerator.unwrap_model(trainer.model).get_base_model().model
+    body.register_forward_pre_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_warm_cache_runs_no_reference_forward(make_trainer):
+    make_trainer()  # warms the cache
+    warm = make_trainer(seed=1, max_steps=3)
+    calls = count_forwards(warm)
+    warm.train()
+    assert calls[0] == 3  # one policy forward per step, no reference forward
+    logs = [row for row in warm.state.log_history if "loss" in row]
+    assert all(row["kl"] >= 0 for row in logs)  # per-token cached values keep the kl metric
+
+    cold = make_trainer(seed=1, max_steps=3, ref_cache=False)
+    calls = count_forwards(cold)
+    cold.train()
+    assert calls[0] == 6  # policy + reference every step
+    for ours, theirs in zip(logs, [row for row in cold.state.log_history if "loss" in row]):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
