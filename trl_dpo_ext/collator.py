@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from .layout import pair_docs, rows_from_docs
+from .layout import check_reference_length, pair_docs, rows_from_docs
 
 
 @dataclass
@@ -38,7 +38,8 @@ class PreferenceCollator(DataCollatorForPreference):
     Returns a dict with `input_ids`, `completion_mask`, `position_ids` of shape `(rows, T)`, `num_tokens` (the tokens
     the plain layout holds, TRL's count), and: `attention_mask` in the plain layout; `doc_ids`, `branch_ids`,
     `sequence_index`, `answer_lengths` in the others (`sequence_index` is b for the chosen answer of pair b, B + b for
-    its rejected one, -1 elsewhere); `ref_token_logps` when rows carry cached reference log-probs.
+    its rejected one, -1 elsewhere); `ref_token_logps` when rows carry cached reference log-probs; `example_index`
+    (`(B,)`, the dataset row of each pair) when rows carry one.
 
     Example:
     ```python
@@ -61,6 +62,12 @@ class PreferenceCollator(DataCollatorForPreference):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self._layout_batch(examples)
+        if "example_index" in examples[0]:
+            batch["example_index"] = torch.tensor([e["example_index"] for e in examples])
+        return batch
+
+    def _layout_batch(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.share_prompt or self.packing:
             docs, plain_tokens = pair_docs(
                 examples,
@@ -102,10 +109,6 @@ def _place_answer_values(completion_mask: torch.Tensor, values: list[list[float]
     placed = torch.zeros(completion_mask.shape, dtype=torch.float32)
     for row, row_values in enumerate(values):
         positions = completion_mask[row].nonzero().squeeze(1)
-        if len(positions) != len(row_values):
-            raise ValueError(
-                f"cached reference log-probs hold {len(row_values)} values for a sequence with {len(positions)} "
-                "answer tokens; the reference cache does not match this data (delete it to rebuild)."
-            )
+        check_reference_length(len(row_values), len(positions))
         placed[row, positions] = torch.tensor(row_values, dtype=torch.float32)
     return placed

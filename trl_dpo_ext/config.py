@@ -34,6 +34,10 @@ class DPOConfig(trl.DPOConfig):
             base, data, lengths and layout (a β or loss-type sweep too).
         ref_cache_dir (`str`, *optional*):
             Where the reference cache lives; defaults to `$TRL_DPO_EXT_CACHE/ref_logps` (`~/.cache/trl_dpo_ext`).
+        max_consecutive_nonfinite (`int`, *optional*, defaults to `3`):
+            An optimizer step whose loss or gradients are not finite is skipped (counted in `nonfinite/skipped_steps`
+            and warned about); after this many skipped steps in a row, training stops with an error naming the step
+            and the example indices.
     """
 
     padding_side: str = field(
@@ -81,12 +85,21 @@ class DPOConfig(trl.DPOConfig):
         default=None,
         metadata={"help": "Directory of the reference cache; default: $TRL_DPO_EXT_CACHE/ref_logps."},
     )
+    max_consecutive_nonfinite: int = field(
+        default=3,
+        metadata={
+            "help": "Steps with a non-finite loss or gradient are skipped; stop with an error after this many in a "
+            "row."
+        },
+    )
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"`padding_side` must be 'right' or 'left', got {self.padding_side!r}.")
         if self.displacement_margin < 0:
             raise ValueError(f"`displacement_margin` must be >= 0, got {self.displacement_margin}.")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"`max_consecutive_nonfinite` must be >= 1, got {self.max_consecutive_nonfinite}.")
         if self.padding_free:
             # TRL 1.16 disables its own padding_free with a warning; here it is implemented, as `packing`.
             self.packing, self.padding_free = True, False
@@ -109,6 +122,9 @@ class QLoRAModelConfig(trl.ModelConfig):
             it on the same 4-bit base, not the bare base.
         bnb_4bit_compute_dtype (`str`, *optional*, defaults to `"auto"`):
             Dtype of the 4-bit matmuls: `bfloat16` on a GPU that supports it, `float32` elsewhere, when `"auto"`.
+        bnb_4bit_quant_storage (`str`, *optional*):
+            Storage dtype of the packed 4-bit weights (`uint8` when unset). FSDP needs every parameter in one dtype:
+            set it to the compute dtype (`bfloat16`), as `recipes/accelerate/fsdp_qlora.yaml` says.
     """
 
     load_in_4bit: bool = field(
@@ -133,6 +149,13 @@ class QLoRAModelConfig(trl.ModelConfig):
             "same 4-bit base."
         },
     )
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype the packed 4-bit weights are stored in (default uint8). FSDP shards only parameters of one "
+            "dtype: set it to the compute dtype (bfloat16) there."
+        },
+    )
     bnb_4bit_compute_dtype: str = field(
         default="auto",
         metadata={
@@ -146,6 +169,11 @@ class QLoRAModelConfig(trl.ModelConfig):
             raise ValueError(
                 "QLoRAModelConfig needs `load_in_4bit=True` and `use_peft=True`: the policy is LoRA on a 4-bit base "
                 "and the reference is that same base. Use trl.ModelConfig for other setups."
+            )
+        storage = (None, "uint8", "bfloat16", "float16", "float32")
+        if self.bnb_4bit_quant_storage not in storage:
+            raise ValueError(
+                f"`bnb_4bit_quant_storage` must be one of {storage[1:]}, got {self.bnb_4bit_quant_storage!r}."
             )
         if self.bnb_4bit_quant_type != "nf4":
             raise ValueError(f"`bnb_4bit_quant_type` must be 'nf4' for QLoRA, got {self.bnb_4bit_quant_type!r}.")

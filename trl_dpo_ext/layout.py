@@ -29,6 +29,15 @@ TRUNK, CHOSEN, REJECTED = 0, 1, 2
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
+def check_reference_length(num_values: int, num_tokens: int) -> None:
+    """A cached answer's reference log-probs must cover its tokens exactly; else the cache belongs to other data."""
+    if num_values != num_tokens:
+        raise ValueError(
+            f"cached reference log-probs hold {num_values} values for an answer of {num_tokens} tokens; the reference "
+            "cache does not match this data (delete it to rebuild)."
+        )
+
+
 @dataclass
 class Doc:
     """One attention-isolated unit of a row (a shared-prompt pair, or one `[prompt│completion]` sequence)."""
@@ -40,11 +49,8 @@ class Doc:
     ref_logps: list[float] = field(default_factory=list)  # cached reference log-prob of each token (0 off answers)
 
     def extend(self, ids, positions, branch, index, ref=None) -> None:
-        if ref is not None and len(ref) != len(ids):
-            raise ValueError(
-                f"cached reference log-probs hold {len(ref)} values for an answer of {len(ids)} tokens; the reference "
-                "cache does not match this data (delete it to rebuild)."
-            )
+        if ref is not None:
+            check_reference_length(len(ref), len(ids))
         self.input_ids += ids
         self.position_ids += positions
         self.branch_ids += [branch] * len(ids)

@@ -9,9 +9,9 @@ position t is token t+1 of the same row, so one shifted forward scores all answe
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 
 from .layout import additive_mask, block_attention_mask
+from .models import base_model
 
 
 # Batch keys that describe the layout or carry precomputed values; everything else goes to the model.
@@ -26,6 +26,7 @@ NON_MODEL_KEYS = frozenset(
         "sequence_index",
         "num_tokens",
         "answer_lengths",
+        "example_index",
     }
 )
 
@@ -140,8 +141,7 @@ def completion_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
 def _layout_mask(model: torch.nn.Module, doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
     # SDPA takes the boolean mask as is; eager attention adds its mask to the scores, so it needs the additive form.
     mask = block_attention_mask(doc_ids, branch_ids)
-    base = extract_model_from_parallel(model)
-    config = base.get_base_model().config if hasattr(base, "get_base_model") else base.config
-    if config._attn_implementation == "eager":
+    base = base_model(model)
+    if base.config._attn_implementation == "eager":
         return additive_mask(mask, base.get_input_embeddings().weight.dtype)
     return mask

@@ -22,7 +22,7 @@ from trl.trainer.utils import get_config_model_id
 
 from .atomic import atomic_write
 from .collator import PreferenceCollator
-from .models import nf4_config
+from .models import base_model, nf4_config
 
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ _TRL_NO_HUB_LINK = "[None](https://huggingface.co/None)"
 _TRL_NO_HUB_MODEL = 'model="None"'
 
 
-def base_model_of(trainer):
-    """The base `PreTrainedModel` under the trainer's model (the one peft wraps, if any)."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return model.get_base_model() if is_peft_model(model) else model
-
-
 def save_training_config(trainer, output_dir: str | Path) -> Path:
     """
     Write `dpo_config.json` in `output_dir`: the trainer's `DPOConfig`, the base model's quantization config and the
@@ -65,7 +59,7 @@ def save_training_config(trainer, output_dir: str | Path) -> Path:
     """
     from . import __version__  # here, not at the top: the package imports the trainer, which imports this module
 
-    base = base_model_of(trainer)
+    base = base_model(trainer.model)
     quantization = getattr(base.config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
@@ -157,7 +151,7 @@ def extend_model_card(trainer, card_dir: str | Path, dataset_name: str | None = 
     path = Path(card_dir) / "README.md"
     card = ModelCard.load(path)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    base_id = get_config_model_id(base_model_of(trainer).config)
+    base_id = get_config_model_id(base_model(trainer.model).config)
     if is_peft_model(model):
         card.data.library_name = "peft"
     card.data.base_model = base_id
@@ -176,7 +170,7 @@ def extend_model_card(trainer, card_dir: str | Path, dataset_name: str | None = 
 
 def _dpo_sections(trainer, model, base_id: str, card_dir: Path) -> str:
     args = trainer.args
-    quantization = getattr(base_model_of(trainer).config, "quantization_config", None)
+    quantization = getattr(base_model(trainer.model).config, "quantization_config", None)
     qlora = is_peft_model(model) and quantization is not None
     lines = [f"## DPO{' with QLoRA' if qlora else ''} (trl_dpo_ext)", ""]
     if is_peft_model(model):

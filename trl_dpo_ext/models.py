@@ -7,6 +7,7 @@ memory of a DPO run is one quantized base plus two small adapters at most.
 import logging
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
@@ -14,6 +15,13 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_STORAGE_DTYPES = {"uint8": torch.uint8, **_DTYPES}
+
+
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The `PreTrainedModel` under `model`: unwrapped from DDP/FSDP/`torch.compile` (accelerate) and from peft."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
@@ -25,13 +33,19 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = True) -> BitsAndBytesConfig:
-    """The QLoRA paper's quantization: NF4 storage, optional double quantization, matmuls in `compute_dtype`."""
+def nf4_config(
+    compute_dtype: torch.dtype = torch.float32, double_quant: bool = True, quant_storage: torch.dtype = torch.uint8
+) -> BitsAndBytesConfig:
+    """
+    The QLoRA paper's quantization: NF4 storage, optional double quantization, matmuls in `compute_dtype`. The packed
+    4-bit values are stored as `quant_storage` (FSDP wants it equal to the dtype of the other parameters).
+    """
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
@@ -42,6 +56,7 @@ def load_qlora_model(
     sft_adapter_path: str | None = None,
     compute_dtype: torch.dtype | str = "auto",
     double_quant: bool = True,
+    quant_storage: str | None = None,
     revision: str = "main",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
@@ -59,6 +74,8 @@ def load_qlora_model(
         sft_adapter_path (`str`, *optional*): Directory (or Hub id) of an SFT LoRA adapter to continue from.
         compute_dtype (`torch.dtype` or `str`, *optional*, defaults to `"auto"`): Dtype of the 4-bit matmuls.
         double_quant (`bool`, *optional*, defaults to `True`): Quantize the quantization constants too.
+        quant_storage (`str`, *optional*): Storage dtype of the packed 4-bit weights, `"uint8"` when unset; FSDP
+            needs the dtype of the other parameters (e.g. `"bfloat16"`).
         revision (`str`, *optional*, defaults to `"main"`): Model revision on the Hub.
         attn_implementation (`str`, *optional*): Passed to `from_pretrained` (e.g. `"sdpa"`, `"eager"`).
         trust_remote_code (`bool`, *optional*, defaults to `False`): Allow model code from the Hub. Off unless asked.
@@ -70,10 +87,13 @@ def load_qlora_model(
         raise ValueError("Pass exactly one of `lora_config` (a fresh adapter) or `sft_adapter_path` (continue SFT).")
     if isinstance(compute_dtype, str):
         compute_dtype = resolve_compute_dtype(compute_dtype)
+    if quant_storage not in (None, *_STORAGE_DTYPES):
+        raise ValueError(f"quant_storage must be one of {list(_STORAGE_DTYPES)}, got {quant_storage!r}")
+    storage = _STORAGE_DTYPES[quant_storage or "uint8"]
     base = AutoModelForCausalLM.from_pretrained(
         model_name_or_path,
         revision=revision,
-        quantization_config=nf4_config(compute_dtype, double_quant),
+        quantization_config=nf4_config(compute_dtype, double_quant, storage),
         dtype=compute_dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,

@@ -31,6 +31,7 @@ import torch
 from datasets import Dataset
 
 from .atomic import atomic_write
+from .models import base_model
 
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def weights_fingerprint(model: torch.nn.Module, reference_adapter: str | None = 
     every tensor that is not a LoRA weight (plus the weights of `reference_adapter`, when that adapter is the
     reference).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     quantization = getattr(config, "quantization_config", None)
     quantization = None if quantization is None else json.loads(quantization.to_json_string(use_diff=False))

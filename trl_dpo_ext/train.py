@@ -85,6 +85,7 @@ def main(
         sft_adapter_path=model_args.sft_adapter_path,
         compute_dtype=model_args.bnb_4bit_compute_dtype,
         double_quant=model_args.use_bnb_nested_quant,
+        quant_storage=model_args.bnb_4bit_quant_storage,
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=training_args.trust_remote_code,

@@ -37,7 +37,7 @@ from .metrics import (
     reward_metrics,
 )
 from .model_card import extend_model_card, save_model_files
-from .models import is_identity_adapter
+from .models import base_model, is_identity_adapter
 from .refcache import (
     CACHE_COLUMNS,
     cache_key,
@@ -137,7 +137,7 @@ class DPOTrainer(trl.DPOTrainer):
         if not any(wanted.values()):
             return False, False
         models = [self.accelerator.unwrap_model(self.model)] + ([self.ref_model] if self.ref_model is not None else [])
-        reasons = [reason for m in models for reason in unsupported_reasons(_base_config(m))]
+        reasons = [reason for m in models for reason in unsupported_reasons(base_model(m).config)]
         if self._stock_loss_reasons:
             reasons.append("stock TRL's loss reads the plain layout")
         if args.precompute_ref_log_probs:
@@ -168,7 +168,7 @@ class DPOTrainer(trl.DPOTrainer):
             truncation_mode=self.args.truncation_mode,
             share_prompt=self.share_prompt,
             packing=self.packing,
-            attention=_base_config(source)._attn_implementation,
+            attention=base_model(source).config._attn_implementation,
         )
         path = cache_path(self.args.ref_cache_dir or cache_dir() / "ref_logps", key)
         # The main process computes and writes; the others then read the same file.
@@ -178,7 +178,7 @@ class DPOTrainer(trl.DPOTrainer):
                 cached = self._reference_answer_logps(dataset, name)
                 if self.accelerator.is_main_process:
                     save_reference_cache(path, key, *cached)
-                logger.info("Reference cache for the %s dataset written to %s", name, path)
+                    logger.info("Reference cache for the %s dataset written to %s", name, path)
             else:
                 logger.info("Reference cache hit for the %s dataset: %s", name, path)
         chosen, rejected = cached
@@ -312,7 +312,3 @@ class DPOTrainer(trl.DPOTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
             extend_model_card(self, self.args.output_dir, dataset_name)
-
-
-def _base_config(model: torch.nn.Module):
-    return (model.get_base_model() if hasattr(model, "get_base_model") else model).config
