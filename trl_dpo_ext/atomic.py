@@ -1,7 +1,8 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never half of one."""
+"""Atomic writes of files and directories: a crash leaves the old one or the new one, never half of one."""
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,4 +24,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """
+    Yield an empty temp directory beside `path` to write into; when the block succeeds it is renamed to `path`, when
+    it fails it is removed. An existing `path` is replaced when `replace` (moved aside, then deleted: a crash in
+    between leaves the old copy as `.NAME.old-*`); otherwise the rename raises `OSError`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield staging
+        old = None
+        if replace and path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            path.rename(old / path.name)
+        staging.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -136,6 +136,7 @@ def run_pairs(args: PairsArguments) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .atomic import atomic_write
     from .defaults import default_model_path
     from .pairs import build_preference_pairs
 
@@ -170,11 +171,8 @@ def run_pairs(args: PairsArguments) -> int:
         missing_eos_penalty=args.missing_eos_penalty,
         seed=args.seed,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".jsonl":
-        pairs.to_json(str(output))
-    else:
-        pairs.to_parquet(str(output))
+    with atomic_write(output, "wb") as handle:
+        (pairs.to_json if output.suffix == ".jsonl" else pairs.to_parquet)(handle)
     print(f"Wrote {len(pairs)} preference pairs from {len(prompts)} prompts to {output}")
     return 0
 

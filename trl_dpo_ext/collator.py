@@ -35,6 +35,12 @@ class PreferenceCollator(DataCollatorForPreference):
         share_prompt (`bool`, *optional*, defaults to `False`): One `[prompt│chosen│rejected]` row per pair.
         packing (`bool`, *optional*, defaults to `False`): All sequences of the batch in one row.
 
+    A sequence's first token is never an answer token, whatever the layout: nothing precedes it, so it has no log-prob
+    (this matters only when truncation left no prompt, or the prompt is empty). An answer with no token left after
+    truncation is kept with log-prob 0 and length 0 (the trainer drops such rows beforehand, see
+    `DPOTrainer._prepare_dataset`); a sequence with no token at all (empty prompt and empty answer) is a `ValueError`
+    naming the pair, and its dataset row when rows carry `example_index`.
+
     Returns a dict with `input_ids`, `completion_mask`, `position_ids` of shape `(rows, T)`, `num_tokens` (the tokens
     the plain layout holds, TRL's count), and: `attention_mask` in the plain layout; `doc_ids`, `branch_ids`,
     `sequence_index`, `answer_lengths` in the others (`sequence_index` is b for the chosen answer of pair b, B + b for
@@ -60,8 +66,23 @@ class PreferenceCollator(DataCollatorForPreference):
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        # max_length=1 leaves each sequence one token, which has no log-prob; 0 would empty every sequence.
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (or None), got {self.max_length}")
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("PreferenceCollator got an empty list of examples.")
+        # A sequence without tokens would be an all-padding row (in the plain layout TRL even builds it as a float
+        # tensor, which the embedding rejects deep in torch): name the pair instead.
+        for b, example in enumerate(examples):
+            for answer in ("chosen", "rejected"):
+                if not example["prompt_ids"] and not example[f"{answer}_ids"]:
+                    row = f" (dataset row {example['example_index']})" if "example_index" in example else ""
+                    raise ValueError(
+                        f"pair {b} of the batch{row}: empty 'prompt_ids' and empty '{answer}_ids', so the {answer} "
+                        "sequence has no token at all."
+                    )
         batch = self._layout_batch(examples)
         if "example_index" in examples[0]:
             batch["example_index"] = torch.tensor([e["example_index"] for e in examples])
@@ -87,6 +108,9 @@ class PreferenceCollator(DataCollatorForPreference):
             batch["num_tokens"] = torch.tensor(plain_tokens)
             return batch
         batch = super().torch_call(examples)  # right-padded by TRL
+        # Column 0 is each row's first token, which has no log-prob; TRL marks it as an answer token when no prompt is
+        # left, and then left padding would score it from a pad and the cached reference would miss it.
+        batch["completion_mask"][:, 0] = 0
         if "ref_chosen_token_logps" in examples[0]:
             batch["ref_token_logps"] = _place_answer_values(
                 batch["completion_mask"],

@@ -1,19 +1,26 @@
 """Preference data: loading (local files or the Hub) and validation with errors that name the column and the row.
 
 Accepted rows are TRL's preference formats:
-- standard: `prompt`, `chosen`, `rejected` non-empty strings;
+- standard: `prompt`, `chosen`, `rejected` non-blank strings;
 - conversational, explicit prompt: `prompt`, `chosen`, `rejected` lists of `{"role": str, "content": str}` messages;
 - conversational, implicit prompt: `chosen` and `rejected` full conversations sharing the prompt turns.
+
+Blank text (see [`is_blank`]) is text without a visible character: only whitespace (`str.isspace`, so also U+3000 or
+U+00A0), control characters (NUL, ...) and invisible format characters (Unicode category Cf: U+200B zero-width space,
+U+FEFF, U+200E, ...). A blank string, or a message list whose contents are all blank, is no prompt or answer at all.
 
 Conversational rows are rendered by the tokenizer's chat template when TRL tokenizes them. `to_conversational` turns
 standard rows whose prompt is a `"User: ...\nAssistant:"` transcript (the bundled set's shape) into explicit-prompt
 conversational rows.
 """
 
+import json
 import re
+import unicodedata
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Json, load_dataset
+from trl.data_utils import extract_prompt
 
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -32,7 +39,17 @@ def load_preference_dataset(name_or_path: str | None, config: str | None = None)
         builder = _LOCAL_BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"Unsupported data file {path}: expected one of {sorted(_LOCAL_BUILDERS)}")
-        return load_dataset(builder, data_files={"train": str(path)})
+        try:
+            data = load_dataset(builder, data_files={"train": str(path)})
+        except Exception as error:
+            # pyarrow's JSON parse errors reach the user wrapped in a `DatasetGenerationError` that names no line.
+            problem = _jsonl_problem(path) if path.suffix == ".jsonl" else None
+            if problem is None:
+                raise
+            raise ValueError(f"{path}: {problem}") from error
+        if path.suffix == ".jsonl":
+            data["train"] = _json_columns_as_written(data["train"], path)
+        return data
     if path.is_dir() and (path / "dataset_dict.json").exists():
         from datasets import load_from_disk
 
@@ -51,12 +68,85 @@ def bundled_preference_dataset() -> DatasetDict:
     )
 
 
+def _json_columns_as_written(dataset: Dataset, path: Path) -> Dataset:
+    """
+    `dataset` with its columns that hold `Json` values (mixed JSON types, at any depth) read again from the JSON Lines
+    file. datasets keeps a string that is itself JSON text (`"0"`, `"null"`, `"[1]"`) as that JSON when it stores a
+    `Json` value, so it reads back `0`, `None`, `[1]` and the validator would blame the wrong row. Encoded here, every
+    value reads back as written.
+    """
+
+    def holds_json(feature) -> bool:
+        if isinstance(feature, dict):
+            return any(holds_json(inner) for inner in feature.values())
+        return isinstance(feature, Json) or (hasattr(feature, "feature") and holds_json(feature.feature))
+
+    mixed = [name for name, feature in dataset.features.items() if holds_json(feature)]
+    if not mixed:
+        return dataset
+    order = dataset.column_names
+    with path.open(encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    if len(rows) != len(dataset):  # not one row per non-blank line: keep what datasets read
+        return dataset
+    for name in mixed:
+        column = [json.dumps(row.get(name) if isinstance(row, dict) else None) for row in rows]
+        dataset = dataset.remove_columns(name).add_column(name, column, feature=Json())
+    return dataset.select_columns(order)
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    """The first line of a JSON Lines file that pyarrow cannot read as a row, described; None if none is found."""
+
+    def unique_keys(pairs: list) -> dict:
+        keys = [key for key, _ in pairs]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            raise ValueError(f"key {repeated!r} appears twice")
+        return dict(pairs)
+
+    def bad_value(value, where: str) -> str | None:
+        if isinstance(value, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+            return f"{where} holds a lone UTF-16 surrogate escape"
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            return f"{where} holds an integer beyond 64 bits"
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+        for key, child in children:
+            problem = bad_value(child, f"{where}[{key!r}]")
+            if problem:
+                return problem
+        return None
+
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number}: not UTF-8 text"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, object_pairs_hook=unique_keys)
+            except json.JSONDecodeError as error:
+                return f"line {number}: invalid JSON ({error.msg} at character {error.colno})"
+            except ValueError as error:
+                return f"line {number}: {error}"
+            if not isinstance(row, dict):
+                return f"line {number}: expected a JSON object (one row), got {type(row).__name__}"
+            problem = next(filter(None, (bad_value(value, f"column {key!r}") for key, value in row.items())), None)
+            if problem:
+                return f"line {number}: {problem}"
+    return None
+
+
 def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
     """
     Raise a `ValueError` naming the column and the first bad row if `dataset` is not a usable preference set.
 
-    Checks: the columns exist; values are non-empty (not whitespace-only) strings, or message lists whose messages
-    have string `role` and `content`; all rows of a column share one format; `chosen` differs from `rejected`.
+    Checks: the columns exist; values are non-blank strings (see the module docstring for blank), or message lists
+    whose messages have string `role` and `content`, not all blank; all rows share the format of the first `chosen`;
+    `chosen` differs from `rejected`; with an implicit prompt, the conversations share a leading message and each
+    answer (what follows the shared messages, as TRL extracts it) is not all blank. Duplicate pairs are allowed.
     """
     if not isinstance(dataset, Dataset):  # streaming: rows are checked as TRL tokenizes them
         return
@@ -70,29 +160,59 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
     if len(dataset) == 0:
         raise ValueError(f"{name} dataset is empty.")
     present = [c for c in ("prompt", "chosen", "rejected") if c in columns]
-    values = {c: dataset[c] for c in present}
+    values = {c: dataset[c][:] for c in present}  # lists: indexing or iterating a `Column` reads row by row
     conversational = _is_messages(values["chosen"][0])
     if "prompt" not in columns and not conversational:
         raise ValueError(
             f"{name} dataset: missing column 'prompt'; only conversational rows can leave the prompt implicit."
         )
-    for column in present:
-        for row, value in enumerate(values[column]):
-            problem = _check_value(value, conversational)
+    # Row by row, so that the error names the first bad row whichever column holds it.
+    for row in range(len(dataset)):
+        for column in present:
+            problem = _check_value(values[column][row], conversational)
             if problem:
                 raise ValueError(f"{name} dataset: column {column!r}, row {row}: {problem}")
-    for row, (chosen, rejected) in enumerate(zip(values["chosen"], values["rejected"])):
+        chosen, rejected = values["chosen"][row], values["rejected"][row]
         if chosen == rejected:
             raise ValueError(f"{name} dataset: row {row}: 'chosen' equals 'rejected', so the pair has no preference.")
-        if conversational and "prompt" not in columns and chosen[0] != rejected[0]:
-            raise ValueError(
-                f"{name} dataset: row {row}: 'chosen' and 'rejected' differ from their first message, so the implicit "
-                "prompt (their shared leading messages) is empty; add a 'prompt' column or the shared user turn."
-            )
+        if conversational and "prompt" not in columns:
+            if chosen[0] != rejected[0]:
+                raise ValueError(
+                    f"{name} dataset: row {row}: 'chosen' and 'rejected' differ from their first message, so the "
+                    "implicit prompt (their shared leading messages) is empty; add a 'prompt' column or the shared "
+                    "user turn."
+                )
+            answers = extract_prompt({"chosen": chosen, "rejected": rejected})
+            for column in ("chosen", "rejected"):
+                if _blank_messages(answers[column]):
+                    raise ValueError(
+                        f"{name} dataset: column {column!r}, row {row}: the answer after the shared prompt messages "
+                        "has only empty or whitespace-only content."
+                    )
 
 
 def _is_messages(value) -> bool:
     return isinstance(value, list)
+
+
+def is_blank(text: str) -> bool:
+    """
+    Whether `text` has no visible character: only whitespace (`str.isspace`), control characters (Unicode category
+    Cc, e.g. NUL) and invisible format characters (Cf, e.g. U+200B zero-width space, U+FEFF). Such a prompt or answer
+    is empty to a reader, so the validator refuses it.
+
+    Example:
+    ```python
+    >>> is_blank("\u3000\u200b\x00"), is_blank(" a ")
+    (True, False)
+    ```
+    """
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
+def _blank_messages(messages: list[dict]) -> bool:
+    # A tool-call turn says what it says in `tool_calls`, so an empty `content` there is not blank.
+    return all(is_blank(m["content"]) and not m.get("tool_calls") for m in messages)
 
 
 def _check_value(value, conversational: bool) -> str | None:
@@ -107,10 +227,12 @@ def _check_value(value, conversational: bool) -> str | None:
             for key in ("role", "content"):
                 if not isinstance(message.get(key), str):
                     return f"message {i} has no string {key!r}"
+        if _blank_messages(value):
+            return "every message has empty or whitespace-only content"
         return None
     if not isinstance(value, str):
         return f"expected a string like the first row, got {type(value).__name__}"
-    if not value.strip():
+    if is_blank(value):
         return "empty or whitespace-only string"
     return None
 
@@ -142,11 +264,12 @@ def transcript_messages(text: str) -> list[dict[str, str]]:
     return messages
 
 
-def to_conversational(dataset: Dataset) -> Dataset:
+def to_conversational(dataset: Dataset, name: str = "train") -> Dataset:
     """
     Standard preference rows as TRL's conversational format with an explicit prompt: the prompt becomes the messages
     of its transcript (see [`transcript_messages`]) and each answer one assistant message. Rows already
-    conversational are returned unchanged.
+    conversational are returned unchanged. The rows are validated first (see [`validate_preference_dataset`]; `name`
+    names the dataset in its errors), so a bad value fails with its column and row, not inside the conversion.
 
     Example:
     ```python
@@ -155,6 +278,7 @@ def to_conversational(dataset: Dataset) -> Dataset:
     [{'role': 'assistant', 'content': 'Sure! Buy it.'}]
     ```
     """
+    validate_preference_dataset(dataset, name)
     if _is_messages(dataset[0]["chosen"]):
         return dataset
 

@@ -7,13 +7,12 @@ it still encodes any text.
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from .atomic import atomic_dir
 from .data import BUNDLED_DATASET
 
 
@@ -108,15 +107,11 @@ def _build_once(target: Path, build) -> Path:
     # Build in a temp dir and rename: a crash or a concurrent process never sees half a model.
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        build(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with atomic_dir(target, replace=False) as staging:
+            build(staging)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        # Another process won the race; its copy is identical.
     return target

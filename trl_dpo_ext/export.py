@@ -6,14 +6,13 @@ The result loads with `AutoModelForCausalLM.from_pretrained` alone — no peft, 
 """
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+from .atomic import atomic_dir
 from .model_card import load_base_as_trained
 
 
@@ -62,18 +61,10 @@ def merge_adapter(
     tokenizer = AutoTokenizer.from_pretrained(adapter_path if has_tokenizer else model.name_or_path)
 
     # Write beside the target and move it in at the end: a failed merge never leaves half a model in `output_dir`.
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    if output_dir.exists() and not output_dir.is_dir():
+        output_dir.unlink()
+    with atomic_dir(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if output_dir.is_dir():
-            shutil.rmtree(output_dir)
-        elif output_dir.exists():
-            output_dir.unlink()
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Merged %s into %s and saved it to %s (%s)", adapter_path, model.name_or_path, output_dir, dtype)
     return output_dir

@@ -75,7 +75,13 @@ def truncate(prompt: list[int], completion: list[int], max_length: int | None, m
 
 
 def sequence_doc(prompt: list[int], completion: list[int], index: int, ref: list[float] | None = None) -> Doc:
-    """A plain `[prompt│completion]` sequence as its own attention unit."""
+    """
+    A plain `[prompt│completion]` sequence as its own attention unit. With an empty prompt (none given, or all of it
+    truncated away by `keep_end`) the first completion token is context, not an answer token: nothing precedes it,
+    so it has no log-prob (in a packed row the previous sequence's last token would "predict" it).
+    """
+    if not prompt:
+        prompt, completion = completion[:1], completion[1:]
     doc = Doc()
     doc.extend(prompt, list(range(len(prompt))), TRUNK, -1)
     doc.extend(completion, list(range(len(prompt), len(prompt) + len(completion))), TRUNK, index, ref)

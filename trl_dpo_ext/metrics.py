@@ -106,8 +106,8 @@ class ThroughputCallback(TrainerCallback):
         now, tokens = time.perf_counter(), float(logs["num_tokens"])
         last_time, last_tokens = self._last
         if tokens > last_tokens and now > last_time:
-            _extend(state, logs, {"tokens_per_second": (tokens - last_tokens) / (now - last_time)})
-        _extend(state, logs, {"memory/peak_mib": peak_memory_mib()})
+            extend_log(state, logs, {"tokens_per_second": (tokens - last_tokens) / (now - last_time)})
+        extend_log(state, logs, {"memory/peak_mib": peak_memory_mib()})
         self._last = (now, tokens)
 
 
@@ -146,10 +146,28 @@ class MetricsHistoryCallback(TrainerCallback):
     """
     Keeps the metric history safe and readable: every log is appended to `output_dir/metrics.jsonl` as it happens
     (a crash loses nothing already logged), and at the end of training `metrics_history.json` (the trainer state's
-    history, one entry per log, deduplicated across resumes) and `metrics.png` are written atomically.
+    history, one entry per log) and `metrics.png` are written atomically.
+
+    When training (re)starts, `metrics.jsonl` is cut back to the step it starts from: a resumed run would otherwise
+    log the steps between its checkpoint and the crash a second time (and a kill mid-append leaves half a line).
     """
 
     PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "kl")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / "metrics.jsonl"
+        if not state.is_world_process_zero or not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written last line of a killed run
+            if row.get("step", 0) <= state.global_step:
+                kept.append(line)
+        with atomic_write(path) as handle:
+            handle.writelines(line + "\n" for line in kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not state.is_world_process_zero:
@@ -202,7 +220,8 @@ def add_metric_callbacks(trainer, callbacks: list[TrainerCallback]) -> None:
         trainer.callback_handler.callbacks.insert(0, callback)
 
 
-def _extend(state: TrainerState, logs: dict, values: dict[str, float]) -> None:
+def extend_log(state: TrainerState, logs: dict, values: dict[str, float]) -> None:
+    """Add `values` to a log from a callback's `on_log`: to `logs` and to its copy in `state.log_history`."""
     # `Trainer.log` appends a copy of the logs to the history before calling `on_log`, so update both.
     logs.update(values)
     if state.log_history:

@@ -164,7 +164,8 @@ def extend_model_card(trainer, card_dir: str | Path, dataset_name: str | None = 
     # Our sections belong with the training procedure, before TRL's citations.
     head, citations, tail = text.partition("## Citations")
     card.text = f"{head.rstrip()}\n\n{sections}\n\n{citations}{tail}"
-    card.save(path)
+    with atomic_write(path, newline="", encoding="utf-8") as handle:  # as `ModelCard.save` writes it
+        handle.write(str(card))
     return path
 
 

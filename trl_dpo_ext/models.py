@@ -10,6 +10,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def load_qlora_model(
         dtype=compute_dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
-        device_map={"": _default_device()},
+        # ZeRO-3 places (partitions) the weights itself; transformers refuses a device_map with it.
+        device_map=None if is_deepspeed_zero3_enabled() else {"": _default_device()},
     )
     if sft_adapter_path is not None:
         model = PeftModel.from_pretrained(base, sft_adapter_path, is_trainable=True)

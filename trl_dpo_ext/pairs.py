@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.experimental.utils import get_reward
 
+from .data import is_blank
+
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +180,8 @@ def build_preference_pairs(
             scores = scores - missing_eos_penalty * (~(responses == stop).any(dim=1)).float().cpu()
         for first in range(0, len(scores), k):
             scored += 1
-            # An empty completion (the stop token at once) cannot be a DPO answer; it is not a candidate.
-            candidates = [i for i in range(first, first + k) if completion_text[i].strip()]
+            # A blank completion (the stop token at once, or only invisible characters) cannot be a DPO answer.
+            candidates = [i for i in range(first, first + k) if not is_blank(completion_text[i])]
             if len(candidates) < 2:
                 continue
             best = max(candidates, key=lambda i: scores[i])

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from datasets import Dataset
 
-from .atomic import atomic_write
+from .atomic import atomic_dir, atomic_write
 from .collator import PreferenceCollator
 from .config import DPOConfig
 from .pairs import (
@@ -207,7 +207,8 @@ class PPOTrainer:
             seed=self.args.seed,
         )
         if self.args.process_index == 0:
-            pairs.save_to_disk(str(Path(self.args.output_dir) / "preference_pairs"))
+            with atomic_dir(Path(self.args.output_dir) / "preference_pairs") as staging:
+                pairs.save_to_disk(str(staging))
         return pairs
 
     def train(self):

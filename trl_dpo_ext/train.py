@@ -6,12 +6,14 @@ another); every `ScriptArguments`, `DPOConfig`, `QLoRAModelConfig` and `RecipeAr
 it.
 """
 
+import gc
+import os
 import sys
 from pathlib import Path
 
 from accelerate import PartialState
 from datasets import DatasetDict
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, set_seed
 from trl import ScriptArguments, TrlParser, get_peft_config
 
 from .config import DPOConfig, QLoRAModelConfig, RecipeArguments, device_defaults
@@ -63,6 +65,16 @@ def main(
         `heldout_margins` (the per-pair reward margins after training, a list, or `None`).
     """
     state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", state.num_processes))  # set by torchrun / accelerate launch
+    if state.num_processes != launched:
+        # Why: N launched processes that each train alone are N unrelated runs sharing one output directory, with no
+        # error. It happens without CUDA when use_cpu is off: accelerate's config-file use_cpu does not reach them.
+        raise RuntimeError(
+            f"The launcher started {launched} processes, but this one trains in a world of {state.num_processes}. "
+            "Without CUDA, pass --use_cpu true to the recipe."
+        )
+    # Seed before the LoRA init (the Trainer seeds only later), so two runs with one seed start from one adapter.
+    set_seed(training_args.seed)
     # No model named: build (once) the tiny local default instead of reaching for the Hub.
     with state.main_process_first():
         model_path = model_args.model_name_or_path or str(default_model_path())
@@ -73,7 +85,7 @@ def main(
     if recipe_args.dataset_format == "chat":
         if tokenizer.chat_template is None:
             raise ValueError(f"--dataset_format chat needs a tokenizer with a chat template; {model_path} has none.")
-        dataset = DatasetDict({split: to_conversational(rows) for split, rows in dataset.items()})
+        dataset = DatasetDict({split: to_conversational(rows, split) for split, rows in dataset.items()})
     heldout = None
     if recipe_args.heldout_pairs and script_args.dataset_test_split in dataset:
         test = dataset[script_args.dataset_test_split]
@@ -98,6 +110,11 @@ def main(
         processing_class=tokenizer,
     )
 
+    processes = trainer.accelerator.num_processes
+    pairs = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * processes
+    trainer.accelerator.print(
+        f"Training on {processes} process(es) ({trainer.accelerator.distributed_type}), global batch {pairs} pairs"
+    )
     before = preference_accuracy(reward_margins(trainer, heldout)) if heldout is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     margins = reward_margins(trainer, heldout) if heldout is not None else None
@@ -106,6 +123,9 @@ def main(
     # The model card's `datasets` field holds Hub ids; a local file or directory is not one.
     name = script_args.dataset_name
     hub_dataset = name if name is not None and not Path(name).exists() else None
+    if trainer.is_fsdp_enabled:
+        # Why: under FSDP, Trainer.save_model writes weights only with FULL_STATE_DICT; checkpoints stay sharded.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir, dataset_name=hub_dataset)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=hub_dataset)
@@ -117,6 +137,14 @@ def main(
         )
     trainer.accelerator.print(f"Adapter saved to {out}")
     trainer.accelerator.print(f"Metrics: {out / 'metrics_history.json'}  plot: {out / 'metrics.png'}")
+    # Why: DDP's C++ reducer holds the gloo process group. If the reducer is its last holder (freed with the trainer,
+    # after `trainer.end()`), the group's destructor joins gloo's worker threads while holding the GIL, and a worker
+    # still freeing the tensors of training's last all_gather waits for the GIL: the rank hangs at exit (torch 2.13;
+    # a rank with nothing to save gets there within milliseconds). Free the DDP wrapper while torch.distributed still
+    # holds the group: its Python handle, destroyed in `trainer.end()`, releases the GIL first.
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    gc.collect()
     trainer.end()
     return {
         "heldout_accuracy_before": before,

@@ -1,11 +1,16 @@
 """`trl_dpo_ext.DPOTrainer`: TRL's `DPOTrainer` with the loss, the reference and the metrics wired to this package.
 
-TRL runs the loop, the data preparation, checkpointing and logging. This subclass overrides three hooks:
+TRL runs the loop, the data preparation, checkpointing and logging. This subclass overrides a few hooks:
 
-- `_prepare_dataset`: validate rows first (errors name the column and row) and never drop rows silently;
-- `_compute_loss`: policy log-probs (`logps.py`), reference log-probs (adapters off on the same 4-bit base, or the
-  frozen SFT adapter), the loss (`losses.py`) and the metrics (`metrics.py`), each a pure function;
-- `__init__` tail: one reference only — no redundant adapter copy — and the metric callbacks.
+- `_prepare_dataset`: validate rows first (errors name the column and row), never drop rows silently, and keep each
+  row's index so errors can name it;
+- `_compute_loss`: policy log-probs (`logps.py`), reference log-probs (adapters off on the same 4-bit base, the
+  frozen SFT adapter, or the on-disk cache), the loss (`losses.py`) and the metrics (`metrics.py`), each a pure
+  function;
+- `create_optimizer` / `training_step`: a step with a non-finite loss or gradient is skipped (`nonfinite.py`);
+- `train` / `_load_from_checkpoint`: resume only from a completely written checkpoint (`checkpoints.py`), in the
+  dtypes the interrupted run trained in;
+- `__init__` tail: one reference only — no redundant adapter copy — the reference cache and the metric callbacks.
 """
 
 import contextlib
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from .checkpoints import resolve_resume
 from .collator import PreferenceCollator
 from .config import DPOConfig
 from .data import validate_preference_dataset
@@ -38,6 +44,7 @@ from .metrics import (
 )
 from .model_card import extend_model_card, save_model_files
 from .models import base_model, is_identity_adapter
+from .nonfinite import NonFiniteGuard
 from .refcache import (
     CACHE_COLUMNS,
     cache_key,
@@ -55,7 +62,10 @@ TRL_HOOKS = {
     "_compute_loss": ("self", "model", "inputs", "return_outputs"),
     "_prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name"),
     "_set_signature_columns_if_needed": ("self",),
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
 }
+# Kept through TRL's tokenization and the collator, so an error can name the dataset rows of a batch.
+INDEX_COLUMN = "example_index"
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -99,11 +109,13 @@ class DPOTrainer(trl.DPOTrainer):
                 self.eval_dataset = {k: self._with_reference_cache(v, k) for k, v in self.eval_dataset.items()}
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._with_reference_cache(self.eval_dataset, "eval")
+        self.nonfinite_guard = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite", 3), self.accelerator)
         add_metric_callbacks(
             self,
             [
                 ThroughputCallback(),
                 DisplacementAlarmCallback(getattr(args, "displacement_margin", 1.0)),
+                self.nonfinite_guard,
                 MetricsHistoryCallback(),
             ],
         )
@@ -202,16 +214,51 @@ class DPOTrainer(trl.DPOTrainer):
         return chosen, rejected
 
     def _set_signature_columns_if_needed(self):
-        # Why: the Trainer drops dataset columns that are not in the signature; keep the cached reference columns.
+        # Why: the Trainer drops dataset columns that are not in the signature; keep the cached reference columns
+        # and the row index.
         super()._set_signature_columns_if_needed()
-        self._signature_columns = [*self._signature_columns, *CACHE_COLUMNS]
+        self._signature_columns = [*self._signature_columns, *CACHE_COLUMNS, INDEX_COLUMN]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """
+        [`transformers.Trainer.train`], resuming only from a completely written checkpoint: `True` or `"last"` picks
+        the newest complete one in `output_dir` (or starts fresh if there is none); see
+        [`trl_dpo_ext.checkpoints.resolve_resume`].
+        """
+        # The main process removes incomplete checkpoints first; the others then find the same complete one.
+        with self.accelerator.main_process_first():
+            resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Why: peft upcasts a loaded adapter to fp32, but TRL trains a QLoRA adapter in bf16; a resumed run must
+        # continue in the dtypes the interrupted one trained in, or it computes something else from there on.
+        target = model if model is not None else self.model
+        dtypes = {name: p.dtype for name, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in target.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
+    def create_optimizer(self, model=None):
+        # Why: the guard sits between the gradients and the weights, so a non-finite step never reaches them.
+        optimizer = super().create_optimizer(model)
+        return self.nonfinite_guard.wrap(optimizer)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Why: the guard needs each micro-batch's loss and dataset rows to decide on (and report) the step.
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe(loss, inputs.get(INDEX_COLUMN))
+        return loss
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Why: bad rows must fail before training with the column and row named, and TRL's silent drop of rows whose
         # prompt fills `max_length` must be counted and reported (an empty dataset is an error, not a no-op run).
         sized = isinstance(dataset, Dataset)
-        if sized and "prompt_ids" not in dataset.column_names:
+        if sized:  # TRL 1.16 tokenizes every dataset, so pre-tokenized rows need their text columns too
             validate_preference_dataset(dataset, dataset_name)
+        if sized and INDEX_COLUMN not in dataset.column_names:
+            dataset = dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
         before = len(dataset) if sized else None
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if before is not None and len(prepared) < before:
@@ -229,6 +276,7 @@ class DPOTrainer(trl.DPOTrainer):
         # Why: one path for policy, reference, loss and metrics, whatever the layout or the reference source; TRL's
         # own path for the options this package does not compute itself.
         if return_outputs or self._stock_loss_reasons:
+            inputs = {key: value for key, value in inputs.items() if key != INDEX_COLUMN}  # not a model input
             return super()._compute_loss(model, inputs, return_outputs)
         policy = completion_token_logps(model, inputs)
         chosen_logps, rejected_logps = policy.sequence_logps().chunk(2)

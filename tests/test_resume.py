@@ -1,0 +1,121 @@
+"""Kill and resume: a run SIGKILLed mid-run and again while writing a checkpoint, then resumed, ends with the same LoRA
+weights as an uninterrupted run, logs every step exactly once, and reuses its reference cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trl_dpo_ext.checkpoints import checkpoint_problem, resolve_resume
+
+
+ROOT = Path(__file__).parents[1]
+STEPS = 12
+FLAGS = [
+    "--max_steps", str(STEPS), "--save_steps", "4", "--save_total_limit", "2", "--logging_steps", "1",
+    "--heldout_pairs", "8", "--report_to", "none", "--save_metrics_plot", "false",
+]  # fmt: skip
+
+
+def run(tmp_path: Path, name: str, *flags: str, **kill: int) -> subprocess.CompletedProcess:
+    """The recipe in a fresh process (tests/killable_recipe.py), output in tmp_path/name, its own reference cache."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRL_DPO_EXT_CACHE": str(tmp_path / "cache"),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    env.update({key.upper(): str(value) for key, value in kill.items()})
+    command = [
+        sys.executable, str(ROOT / "tests" / "killable_recipe.py"), *FLAGS, "--output_dir", str(tmp_path / name),
+        "--ref_cache_dir", str(tmp_path / f"ref_cache_{name}"), *flags,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    expected = -signal.SIGKILL if kill else 0
+    assert result.returncode == expected, result.stderr[-3000:]
+    return result
+
+
+def logged_steps(path: Path) -> list[int]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [row["step"] for row in rows if "loss" in row]
+
+
+def cache_file(tmp_path: Path) -> Path:
+    (path,) = (tmp_path / "ref_cache_killed").iterdir()
+    return path
+
+
+def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path):
+    run(tmp_path, "straight")
+    out = tmp_path / "killed"
+
+    first = run(tmp_path, "killed", kill_at_step=6)
+    assert "Reference cache for the train dataset written to" in first.stderr
+    cache, stamp = cache_file(tmp_path), cache_file(tmp_path).stat().st_mtime_ns
+    assert checkpoint_problem(out / "checkpoint-4") is None
+    assert logged_steps(out / "metrics.jsonl") == [1, 2, 3, 4, 5]
+
+    second = run(tmp_path, "killed", "--resume_from_checkpoint", "last", kill_in_save=8)
+    assert "Reference cache hit for the train dataset" in second.stderr
+    assert "written to" not in second.stderr
+    assert checkpoint_problem(out / "checkpoint-8").endswith(
+        "is missing (the run was killed while writing this checkpoint)"
+    )
+    assert (out / "checkpoint-8" / "adapter_model.safetensors").exists()  # half a checkpoint, the bait
+
+    third = run(tmp_path, "killed", "--resume_from_checkpoint", "last")
+    assert "Removing incomplete checkpoint" in third.stderr and "Resuming from" in third.stderr
+    assert "Reference cache hit for the train dataset" in third.stderr
+    assert cache_file(tmp_path) == cache and cache.stat().st_mtime_ns == stamp  # reused, never rewritten
+
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    for name, weight in straight.items():
+        torch.testing.assert_close(resumed[name].float(), weight.float(), rtol=0, atol=1e-6, msg=name)
+
+    every_step = list(range(1, STEPS + 1))
+    assert logged_steps(out / "metrics.jsonl") == every_step
+    history = json.loads((out / "metrics_history.json").read_text())
+    assert [row["step"] for row in history if "loss" in row] == every_step
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]
+    assert all(checkpoint_problem(p) is None for p in out.glob("checkpoint-*"))
+    # The losses of the resumed steps are the uninterrupted run's, step by step.
+    straight_history = json.loads((tmp_path / "straight" / "metrics_history.json").read_text())
+    assert [r["loss"] for r in history if "loss" in r] == pytest.approx(
+        [r["loss"] for r in straight_history if "loss" in r], abs=1e-6
+    )
+
+
+def test_a_named_incomplete_checkpoint_is_refused(tmp_path):
+    partial = tmp_path / "checkpoint-3"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text('{"global_step": 3, "log_hi')  # killed mid-write
+    with pytest.raises(ValueError) as error:
+        resolve_resume(str(partial), tmp_path)
+    assert str(error.value) == (
+        f"resume_from_checkpoint={str(partial)!r}: cannot resume: {partial / 'trainer_state.json'} is truncated or "
+        "corrupt (the run was killed while writing it). Pass `--resume_from_checkpoint last` to resume from the "
+        "newest complete checkpoint."
+    )
+
+
+def test_last_picks_the_newest_complete_checkpoint_and_starts_fresh_without_one(tmp_path):
+    assert resolve_resume("last", tmp_path / "missing") is None
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-6").mkdir()  # killed before its trainer state was written
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 8}))  # wrong step
+    assert resolve_resume("last", tmp_path) == str(tmp_path / "checkpoint-4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert resolve_resume(None, tmp_path) is None and resolve_resume(False, tmp_path) is None
+    assert resolve_resume(True, tmp_path) == str(tmp_path / "checkpoint-4")

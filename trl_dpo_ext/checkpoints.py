@@ -1,0 +1,90 @@
+"""Resume only from checkpoints that were written completely.
+
+`transformers.Trainer` writes a checkpoint in place: the model, then the optimizer, scheduler and RNG states, and
+`trainer_state.json` last. A process killed in between (an OOM kill, a preemption) leaves a `checkpoint-N` directory
+that looks like the newest one but lacks files or holds a truncated `trainer_state.json`; resuming from it fails, or
+worse, continues from a mix of two steps. A checkpoint is complete when its `trainer_state.json` parses and records
+step N. Resuming picks the newest complete checkpoint and removes incomplete ones newer than it (they are re-written
+when training reaches their step again).
+"""
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# `--resume_from_checkpoint` values that mean "the newest complete checkpoint in output_dir, if any".
+LATEST = ("last", "latest", "true", "True")
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or `None` when it is complete."""
+    path = Path(path)
+    match = _CHECKPOINT.match(path.name)
+    state_file = path / TRAINER_STATE_NAME
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not state_file.is_file():
+        return f"{state_file} is missing (the run was killed while writing this checkpoint)"
+    try:
+        step = json.loads(state_file.read_text())["global_step"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{state_file} is truncated or corrupt (the run was killed while writing it)"
+    if match and step != int(match.group(1)):
+        return f"{state_file} records step {step}, not {match.group(1)}"
+    return None
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` directories in `output_dir`, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """
+    The checkpoint to resume from, for a `resume_from_checkpoint` value.
+
+    Args:
+        value: `None`/`False`: start fresh. `True` or one of `"last"`, `"latest"`, `"true"`: the newest complete
+            checkpoint in `output_dir` (incomplete newer ones are removed with a warning), or a fresh start when there
+            is none, so a preemptible job can always pass it. A path: that checkpoint, which must be complete.
+        output_dir: the run's output directory.
+
+    Raises:
+        `ValueError`: a named checkpoint is incomplete or missing.
+    """
+    if value is None or value is False:
+        return None
+    if value is True or value in LATEST:
+        complete = None
+        for path in reversed(checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                complete = path
+                break
+            logger.warning("Removing incomplete checkpoint %s: %s.", path, problem)
+            shutil.rmtree(path)
+        if complete is None:
+            logger.warning("No complete checkpoint in %s: training starts from the beginning.", output_dir)
+            return None
+        logger.info("Resuming from %s", complete)
+        return str(complete)
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise ValueError(
+            f"resume_from_checkpoint={value!r}: cannot resume: {problem}. Pass `--resume_from_checkpoint last` to "
+            "resume from the newest complete checkpoint."
+        )
+    return str(value)
