@@ -109,8 +109,10 @@ def test_history_and_plot_are_written_and_read_back(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 0, "loss": 0.5}
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    plot_metrics(history, tmp_path / "other.png", keys=("loss", "absent"))
-    assert (tmp_path / "other.png").stat().st_size > 1000
+    # One 400-pixel panel per key (4 in at 100 dpi; width is big-endian at bytes 16-20 of a PNG), one key included.
+    for keys in [("loss", "absent"), ("loss",)]:
+        png = plot_metrics(history, tmp_path / f"{len(keys)}.png", keys=keys).read_bytes()
+        assert int.from_bytes(png[16:20], "big") == 400 * len(keys)
 
 
 def test_throughput_and_memory_hooks_work_on_trl_sft(tiny_dir, tokenizer, tmp_path):

@@ -196,8 +196,9 @@ def plot_metrics(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    for ax, key in zip(axes, keys):
+    # squeeze=False: one key still gives a row of axes, not a bare Axes.
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
         points = [(row["step"], row[key]) for row in history if key in row and math.isfinite(row[key])]
         if points:
             ax.plot(*zip(*points), marker=".")
