@@ -338,6 +338,13 @@ def test_to_conversational_names_a_bad_row_instead_of_crashing():
 GOOD_LINE = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
 
 
+def jsonl_with_third_line(tmp_path, line: str):
+    """A JSON Lines file of good rows whose third line (row 2) is `line`."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join([GOOD_LINE, GOOD_LINE, line, GOOD_LINE]) + "\n")
+    return path
+
+
 @pytest.mark.parametrize(
     "line, expected",
     [
@@ -352,10 +359,8 @@ GOOD_LINE = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
     ],
 )
 def test_jsonl_rows_of_mixed_types_load_and_fail_validation_with_their_row(tmp_path, line, expected):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join([GOOD_LINE, GOOD_LINE, line, GOOD_LINE]) + "\n")
     with pytest.raises(ValueError, match=f"^train dataset: {expected} 2: "):
-        validate_preference_dataset(load_preference_dataset(str(path))["train"])
+        validate_preference_dataset(load_preference_dataset(str(jsonl_with_third_line(tmp_path, line)))["train"])
 
 
 def test_strings_that_look_like_json_read_back_as_written(tmp_path):
@@ -382,8 +387,7 @@ def test_strings_that_look_like_json_read_back_as_written(tmp_path):
     ],
 )
 def test_unreadable_jsonl_lines_are_named(tmp_path, line, expected):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join([GOOD_LINE, GOOD_LINE, line, GOOD_LINE]) + "\n")
+    path = jsonl_with_third_line(tmp_path, line)
     with pytest.raises(ValueError, match=f"^{re.escape(f'{path}: {expected}')}"):
         load_preference_dataset(str(path))
 
