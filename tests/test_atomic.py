@@ -60,3 +60,16 @@ def test_atomic_dir_replaces_on_success_and_keeps_the_old_one_on_failure(tmp_pat
     with pytest.raises(OSError), atomic_dir(target, replace=False) as staging:
         (staging / "x").write_text("never moved in")
     assert os.listdir(target) == ["other.arrow"] and os.listdir(tmp_path) == ["preference_pairs"]
+
+
+def test_atomic_dir_replaces_a_file_only_when_the_block_succeeds(tmp_path):
+    target = tmp_path / "merged"
+    target.write_text("a file where the directory goes")
+    with pytest.raises(RuntimeError), atomic_dir(target) as staging:
+        (staging / "model.safetensors").write_text("half")
+        raise RuntimeError("crash mid-save")
+    assert target.read_text() == "a file where the directory goes"
+    with atomic_dir(target) as staging:
+        (staging / "model.safetensors").write_text("whole")
+    assert (target / "model.safetensors").read_text() == "whole"
+    assert os.listdir(tmp_path) == ["merged"]

@@ -31,8 +31,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
 def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """
     Yield an empty temp directory beside `path` to write into; when the block succeeds it is renamed to `path`, when
-    it fails it is removed. An existing `path` is replaced when `replace` (moved aside, then deleted: a crash in
-    between leaves the old copy as `.NAME.old-*`); otherwise the rename raises `OSError`.
+    it fails it is removed. An existing `path` (a directory or a file) is replaced when `replace` (moved aside, then
+    deleted: a crash in between leaves the old copy as `.NAME.old-*`); otherwise the rename raises `OSError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,10 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from .layout import check_reference_length, pair_docs, rows_from_docs
 
 
+# The dataset row of each example: `DPOTrainer` adds it, the collator batches it, errors name it.
+INDEX_COLUMN = "example_index"
+
+
 @dataclass
 class PreferenceCollator(DataCollatorForPreference):
     """
@@ -78,14 +82,14 @@ class PreferenceCollator(DataCollatorForPreference):
         for b, example in enumerate(examples):
             for answer in ("chosen", "rejected"):
                 if not example["prompt_ids"] and not example[f"{answer}_ids"]:
-                    row = f" (dataset row {example['example_index']})" if "example_index" in example else ""
+                    row = f" (dataset row {example[INDEX_COLUMN]})" if INDEX_COLUMN in example else ""
                     raise ValueError(
                         f"pair {b} of the batch{row}: empty 'prompt_ids' and empty '{answer}_ids', so the {answer} "
                         "sequence has no token at all."
                     )
         batch = self._layout_batch(examples)
-        if "example_index" in examples[0]:
-            batch["example_index"] = torch.tensor([e["example_index"] for e in examples])
+        if INDEX_COLUMN in examples[0]:
+            batch[INDEX_COLUMN] = torch.tensor([e[INDEX_COLUMN] for e in examples])
         return batch
 
     def _layout_batch(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -61,8 +61,6 @@ def merge_adapter(
     tokenizer = AutoTokenizer.from_pretrained(adapter_path if has_tokenizer else model.name_or_path)
 
     # Write beside the target and move it in at the end: a failed merge never leaves half a model in `output_dir`.
-    if output_dir.exists() and not output_dir.is_dir():
-        output_dir.unlink()
     with atomic_dir(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -27,7 +27,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .checkpoints import resolve_resume
-from .collator import PreferenceCollator
+from .collator import INDEX_COLUMN, PreferenceCollator
 from .config import DPOConfig
 from .data import validate_preference_dataset
 from .defaults import cache_dir
@@ -64,8 +64,6 @@ TRL_HOOKS = {
     "_set_signature_columns_if_needed": ("self",),
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
 }
-# Kept through TRL's tokenization and the collator, so an error can name the dataset rows of a batch.
-INDEX_COLUMN = "example_index"
 
 
 class DPOTrainer(trl.DPOTrainer):
