@@ -259,11 +259,14 @@ def test_one_bad_conversational_value_is_named_by_column_and_row(implicit, data,
         rows[row][column], problem = data.draw(st.sampled_from(BAD_VALUES))
         expected = prefix + problem
         if (row, column) == (0, "chosen") and not isinstance(rows[0]["chosen"], list):  # the format flips
-            expected = (
-                "train dataset: missing column 'prompt'"
-                if implicit
-                else "train dataset: column 'prompt', row 0: expected a string like the first row, got list"
-            )
+            # Standard rows from here on: without a prompt column the first mismatch is this row's own.
+            value = rows[0]["chosen"]
+            expected = "train dataset: column 'prompt', row 0: expected a string like the first row, got list"
+            if implicit and isinstance(value, str):
+                expected = "train dataset: column 'rejected', row 0: expected a string like the first row, got list"
+            elif implicit:
+                got = type(value).__name__
+                expected = f"train dataset: column 'chosen', row 0: expected a string like the first row, got {got}"
     else:
         rows[row]["rejected"] = json.loads(json.dumps(rows[row]["chosen"]))
         expected = f"train dataset: row {row}: 'chosen' equals 'rejected'"

@@ -223,3 +223,6 @@ def test_ppo_script_runs_as_dpo_with_only_the_import_changed(tmp_path, tiny_dir,
     assert "model response" in result.stdout  # the table is shown
     history = json.loads((out / "metrics_history.json").read_text())
     assert [row["step"] for row in history if "loss" in row] == [1, 2]
+    # The DPO trainer chose the layout (no collator of the PPO script's): the saved layout is the one that ran.
+    saved = json.loads((out / "dpo_config.json").read_text())
+    assert saved["collator"]["share_prompt"] is True and saved["dpo_config"]["share_prompt"] is True

@@ -134,7 +134,8 @@ def test_other_trl_losses_run_through_trl(tiny_dir, tokenizer, pairs, dpo_args):
          "column 'prompt', row 1: empty or whitespace-only string"),
         ([{"prompt": "p", "chosen": "x", "rejected": "y"}] * 2 + [{"prompt": "p", "chosen": "z", "rejected": "z"}],
          "row 2: 'chosen' equals 'rejected'"),
-        ([{"chosen": "x", "rejected": "y"}], "missing column 'prompt'"),
+        ([{"chosen": "x", "rejected": "y"}], "row 0: 'chosen' and 'rejected' differ from their first character, so "
+         "the implicit prompt"),
     ],
 )  # fmt: skip
 def test_bad_rows_fail_before_training(tiny_dir, tokenizer, dpo_args, rows, message):

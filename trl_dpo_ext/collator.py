@@ -46,10 +46,11 @@ class PreferenceCollator(DataCollatorForPreference):
     naming the pair, and its dataset row when rows carry `example_index`.
 
     Returns a dict with `input_ids`, `completion_mask`, `position_ids` of shape `(rows, T)`, `num_tokens` (the tokens
-    the plain layout holds, TRL's count), and: `attention_mask` in the plain layout; `doc_ids`, `branch_ids`,
-    `sequence_index`, `answer_lengths` in the others (`sequence_index` is b for the chosen answer of pair b, B + b for
-    its rejected one, -1 elsewhere); `ref_token_logps` when rows carry cached reference log-probs; `example_index`
-    (`(B,)`, the dataset row of each pair) when rows carry one.
+    the plain layout holds, TRL's count; shape `(1,)`, since accelerate's batch dispatch cannot concatenate 0-d
+    tensors), and: `attention_mask` in the plain layout; `doc_ids`, `branch_ids`, `sequence_index`, `answer_lengths`
+    in the others (`sequence_index` is b for the chosen answer of pair b, B + b for its rejected one, -1 elsewhere);
+    `ref_token_logps` when rows carry cached reference log-probs; `example_index` (`(B,)`, the dataset row of each
+    pair) when rows carry one.
 
     Example:
     ```python
@@ -109,7 +110,7 @@ class PreferenceCollator(DataCollatorForPreference):
             )
             if "ref_chosen_token_logps" not in examples[0]:
                 del batch["ref_token_logps"]
-            batch["num_tokens"] = torch.tensor(plain_tokens)
+            batch["num_tokens"] = torch.tensor([plain_tokens])
             return batch
         batch = super().torch_call(examples)  # right-padded by TRL
         # Column 0 is each row's first token, which has no log-prob; TRL marks it as an answer token when no prompt is
@@ -128,7 +129,7 @@ class PreferenceCollator(DataCollatorForPreference):
                     batch[key] = torch.stack([row.roll(int(n)) for row, n in zip(batch[key], pads)])
         # Positions count real tokens only: 0..L-1 for every sequence whichever side the pads are on.
         batch["position_ids"] = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
-        batch["num_tokens"] = batch["attention_mask"].sum()
+        batch["num_tokens"] = batch["attention_mask"].sum().reshape(1)
         return batch
 
 

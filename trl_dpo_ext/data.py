@@ -1,9 +1,12 @@
 """Preference data: loading (local files or the Hub) and validation with errors that name the column and the row.
 
 Accepted rows are TRL's preference formats:
-- standard: `prompt`, `chosen`, `rejected` non-blank strings;
-- conversational, explicit prompt: `prompt`, `chosen`, `rejected` lists of `{"role": str, "content": str}` messages;
-- conversational, implicit prompt: `chosen` and `rejected` full conversations sharing the prompt turns.
+- standard, explicit prompt: `prompt`, `chosen`, `rejected` non-blank strings;
+- standard, implicit prompt: `chosen` and `rejected` strings that start with the same prompt text;
+- conversational, explicit prompt: `prompt`, `chosen`, `rejected` lists of `{"role": str, "content": str}` messages
+  (an assistant turn that makes tool calls may have no `content`: it says what it says in `tool_calls`);
+- conversational, implicit prompt: `chosen` and `rejected` full conversations sharing the prompt turns;
+and any of them with TRL's optional `tools` and `chat_template_kwargs` columns.
 
 Blank text (see [`is_blank`]) is text without a visible character: only whitespace (`str.isspace`, so also U+3000 or
 U+00A0), control characters (NUL, ...) and invisible format characters (Unicode category Cf: U+200B zero-width space,
@@ -145,8 +148,8 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
 
     Checks: the columns exist; values are non-blank strings (see the module docstring for blank), or message lists
     whose messages have string `role` and `content`, not all blank; all rows share the format of the first `chosen`;
-    `chosen` differs from `rejected`; with an implicit prompt, the conversations share a leading message and each
-    answer (what follows the shared messages, as TRL extracts it) is not all blank. Duplicate pairs are allowed.
+    `chosen` differs from `rejected`; with an implicit prompt, the two share a non-blank prompt (leading messages, or
+    leading text) and each answer (what follows it, as TRL extracts it) is not all blank. Duplicate pairs are allowed.
     """
     if not isinstance(dataset, Dataset):  # streaming: rows are checked as TRL tokenizes them
         return
@@ -162,10 +165,6 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
     present = [c for c in ("prompt", "chosen", "rejected") if c in columns]
     values = {c: dataset[c][:] for c in present}  # lists: indexing or iterating a `Column` reads row by row
     conversational = _is_messages(values["chosen"][0])
-    if "prompt" not in columns and not conversational:
-        raise ValueError(
-            f"{name} dataset: missing column 'prompt'; only conversational rows can leave the prompt implicit."
-        )
     # Row by row, so that the error names the first bad row whichever column holds it.
     for row in range(len(dataset)):
         for column in present:
@@ -175,20 +174,27 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
         chosen, rejected = values["chosen"][row], values["rejected"][row]
         if chosen == rejected:
             raise ValueError(f"{name} dataset: row {row}: 'chosen' equals 'rejected', so the pair has no preference.")
-        if conversational and "prompt" not in columns:
-            if chosen[0] != rejected[0]:
-                raise ValueError(
-                    f"{name} dataset: row {row}: 'chosen' and 'rejected' differ from their first message, so the "
-                    "implicit prompt (their shared leading messages) is empty; add a 'prompt' column or the shared "
-                    "user turn."
-                )
-            answers = extract_prompt({"chosen": chosen, "rejected": rejected})
-            for column in ("chosen", "rejected"):
-                if _blank_messages(answers[column]):
-                    raise ValueError(
-                        f"{name} dataset: column {column!r}, row {row}: the answer after the shared prompt messages "
-                        "has only empty or whitespace-only content."
-                    )
+        if "prompt" not in columns:
+            _check_implicit_prompt(chosen, rejected, conversational, f"{name} dataset: row {row}")
+
+
+def _check_implicit_prompt(chosen, rejected, conversational: bool, where: str) -> None:
+    """The shared prompt TRL extracts (`trl.extract_prompt`) must be there, and each answer after it must be too."""
+    extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
+    empty = _blank_messages(extracted["prompt"]) if conversational else is_blank(extracted["prompt"])
+    if not extracted["prompt"] or empty:
+        shared = "first message" if conversational else "first character"
+        raise ValueError(
+            f"{where}: 'chosen' and 'rejected' differ from their {shared}, so the implicit prompt (what they share "
+            "at the start) is empty; add a 'prompt' column or the shared prompt."
+        )
+    for column in ("chosen", "rejected"):
+        answer = extracted[column]
+        if _blank_messages(answer) if conversational else is_blank(answer):
+            raise ValueError(
+                f"{where}: column {column!r}: the answer after the shared prompt has only empty or whitespace-only "
+                "content."
+            )
 
 
 def _is_messages(value) -> bool:
@@ -212,7 +218,7 @@ def is_blank(text: str) -> bool:
 
 def _blank_messages(messages: list[dict]) -> bool:
     # A tool-call turn says what it says in `tool_calls`, so an empty `content` there is not blank.
-    return all(is_blank(m["content"]) and not m.get("tool_calls") for m in messages)
+    return all(is_blank(m.get("content") or "") and not m.get("tool_calls") for m in messages)
 
 
 def _check_value(value, conversational: bool) -> str | None:
@@ -224,9 +230,13 @@ def _check_value(value, conversational: bool) -> str | None:
         for i, message in enumerate(value):
             if not isinstance(message, dict):
                 return f"message {i} is a {type(message).__name__}, expected a dict with 'role' and 'content'"
-            for key in ("role", "content"):
-                if not isinstance(message.get(key), str):
-                    return f"message {i} has no string {key!r}"
+            if not isinstance(message.get("role"), str):
+                return f"message {i} has no string 'role'"
+            # A tool-call turn may leave `content` out (datasets then stores None): its calls are its content.
+            if not isinstance(message.get("content"), str) and not (
+                message.get("tool_calls") and message.get("content") is None
+            ):
+                return f"message {i} has no string 'content'"
         if _blank_messages(value):
             return "every message has empty or whitespace-only content"
         return None

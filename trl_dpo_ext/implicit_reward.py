@@ -1,11 +1,13 @@
 """Your language model is secretly a reward model (Rafailov et al. 2023, Eq. 5): r(x, y) = β·log(π(y|x) / π_ref(y|x)).
 
-[`ImplicitReward`] holds a DPO adapter on its 4-bit base — one base in memory: adapters on for π, off (or the frozen
-SFT adapter) for π_ref — and scores responses in batches with the trainer's own pieces: TRL's tokenization, the
-[`PreferenceCollator`] layout the run used and [`trl_dpo_ext.logps.completion_token_logps`]. Loaded from a directory
-saved by [`trl_dpo_ext.DPOTrainer`], it gives the rewards the trainer computed.
+[`ImplicitReward`] holds a DPO adapter on its 4-bit base — one base in memory: adapters on for π, and for π_ref what
+[`trl_dpo_ext.reference.Reference`] says (adapters off, the frozen SFT adapter, or a separate model) — and scores
+responses in batches with the trainer's own pieces: TRL's tokenization, the [`PreferenceCollator`] layout the run used
+and [`trl_dpo_ext.logps.completion_token_logps`]. Loaded from a directory saved by [`trl_dpo_ext.DPOTrainer`], or
+built from a trainer ([`ImplicitReward.from_trainer`]), it gives the rewards the trainer computes.
 """
 
+import contextlib
 import dataclasses
 import logging
 import types
@@ -17,18 +19,18 @@ from datasets import Dataset
 from peft import PeftModel
 from peft.utils import load_peft_weights
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from trl.trainer.utils import add_fused_lm_head, use_adapter
+from trl.trainer.utils import add_fused_lm_head
 
 from .collator import PreferenceCollator
 from .data import validate_preference_dataset
 from .logps import completion_token_logps
 from .model_card import load_base_as_trained, load_training_config
+from .models import base_model
+from .reference import PRECOMPUTED, REFERENCE_ADAPTER, Reference
 from .reward import preference_accuracy
 
 
 logger = logging.getLogger(__name__)
-
-REFERENCE_ADAPTER = "ref"
 
 
 class ImplicitReward:
@@ -36,12 +38,14 @@ class ImplicitReward:
     Scores (prompt, response) pairs with the implicit reward of a DPO policy: β·(log π(y|x) − log π_ref(y|x)).
 
     Args:
-        model (`peft.PeftModel`): the policy; with adapters disabled (or the adapter named `"ref"` active, when it
-            has one) it is the reference.
+        model (`peft.PeftModel` or `PreTrainedModel`): the policy. It is not modified: scoring switches it to eval
+            mode and adds TRL's fused LM head only while it runs.
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer (with a chat template for conversational rows).
         beta (`float`): the DPO β the adapter was trained with.
         collator (`PreferenceCollator`, *optional*): batch layout; the plain layout by default.
         batch_size (`int`, *optional*, defaults to `8`): pairs per forward.
+        reference ([`trl_dpo_ext.reference.Reference`], *optional*): π_ref; by default `Reference.of(model)`:
+            adapters off, or the adapter named `"ref"` when the model has one.
 
     Example:
     ```python
@@ -58,18 +62,37 @@ class ImplicitReward:
         beta: float,
         collator: PreferenceCollator | None = None,
         batch_size: int = 8,
+        reference: Reference | None = None,
     ):
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        self.model = model.eval()
+        self.reference = reference or Reference.of(model)
+        if self.reference.kind == PRECOMPUTED:
+            raise ValueError(
+                "ImplicitReward needs a reference it can run: a PeftModel (the reference is its base with adapters "
+                "off, or its frozen 'ref' adapter) or a `reference` with a ref_model."
+            )
+        self.model = model
         self.tokenizer = tokenizer
         self.beta = beta
         self.collator = collator or PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
         self.batch_size = batch_size
-        base = model.get_base_model()
-        # `add_fused_lm_head` replaces the instance's `forward`; a trainer's model has it already.
-        if "forward" not in vars(base):
-            add_fused_lm_head(base)
+
+    @classmethod
+    def from_trainer(cls, trainer) -> "ImplicitReward":
+        """The implicit reward of a [`trl_dpo_ext.DPOTrainer`]'s current policy: its model, reference, β, tokenizer,
+        collator layout and eval batch size, so the scores are the rewards its loss computes."""
+        collator = trainer.data_collator
+        if not isinstance(collator, PreferenceCollator):
+            collator = PreferenceCollator(pad_token_id=collator.pad_token_id, max_length=trainer.args.max_length)
+        return cls(
+            trainer.accelerator.unwrap_model(trainer.model),
+            trainer._tokenizer,
+            trainer.beta,
+            collator=collator,
+            batch_size=trainer.args.per_device_eval_batch_size,
+            reference=trainer.reference,
+        )
 
     @classmethod
     def from_pretrained(
@@ -179,20 +202,19 @@ class ImplicitReward:
     @torch.no_grad()
     def _rewards(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Implicit rewards of the chosen and of the rejected answer of each collator example."""
-        reference_adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in self.model.peft_config else None
-        device = self.model.get_base_model().device
+        device = base_model(self.model).device
         chosen, rejected, empty = [], [], False
-        for start in range(0, len(examples), self.batch_size):
-            batch = self.collator(examples[start : start + self.batch_size])
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            policy = completion_token_logps(self.model, batch)
-            with use_adapter(self.model, reference_adapter):
-                reference = completion_token_logps(self.model, batch).sequence_logps()
-            rewards = self.beta * (policy.sequence_logps() - reference)
-            batch_chosen, batch_rejected = rewards.float().cpu().chunk(2)
-            chosen.append(batch_chosen)
-            rejected.append(batch_rejected)
-            empty = empty or bool((policy.lengths() == 0).any())
+        with _scoring(self.model), _scoring(self.reference.ref_model):
+            for start in range(0, len(examples), self.batch_size):
+                batch = self.collator(examples[start : start + self.batch_size])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                policy = completion_token_logps(self.model, batch)
+                reference = self.reference.token_logps(self.model, batch).sequence_logps()
+                rewards = self.beta * (policy.sequence_logps() - reference)
+                batch_chosen, batch_rejected = rewards.float().cpu().chunk(2)
+                chosen.append(batch_chosen)
+                rejected.append(batch_rejected)
+                empty = empty or bool((policy.lengths() == 0).any())
         if empty:
             # Training drops such rows (their prompt fills max_length); here they stay, so outputs match inputs.
             logger.warning(
@@ -200,6 +222,27 @@ class ImplicitReward:
                 self.collator.max_length,
             )
         return torch.cat(chosen), torch.cat(rejected)
+
+
+@contextlib.contextmanager
+def _scoring(model: torch.nn.Module | None):
+    """Within: `model` in eval mode with TRL's fused LM head; afterwards exactly as it was given."""
+    if model is None:
+        yield
+        return
+    base = base_model(model)
+    was_training = model.training
+    # `add_fused_lm_head` replaces the instance's `forward`; a trainer's model has it already, and keeps it.
+    patched = "forward" not in vars(base)
+    if patched:
+        add_fused_lm_head(base)
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if patched:
+            del base.forward
 
 
 def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:

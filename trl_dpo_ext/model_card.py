@@ -179,12 +179,7 @@ def _dpo_sections(trainer, model, base_id: str, card_dir: Path) -> str:
         base = f"`{base_id}`" + (" loaded in 4-bit NF4" if quantization is not None else "")
         lines += [
             f"Policy: {base} plus a LoRA adapter (r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, "
-            f"on {_modules(lora.target_modules)}). Reference: "
-            + (
-                "a frozen copy of the starting SFT adapter on the same base."
-                if "ref" in model.peft_config
-                else "the same base with the adapter switched off."
-            ),
+            f"on {_targets(lora)}). Reference: {trainer.reference.describe()}.",
             "",
         ]
     lines += ["### Training configuration", "", "| setting | value |", "|---|---|"]
@@ -220,11 +215,13 @@ def _dpo_sections(trainer, model, base_id: str, card_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _modules(target_modules) -> str:
-    # peft expands "all-linear" into every module path; the layer names are what a reader needs.
-    if isinstance(target_modules, str):
-        return target_modules
-    return ", ".join(sorted({name.split(".")[-1] for name in target_modules}))
+def _targets(lora) -> str:
+    # peft expands "all-linear" into every module path; the layer names are what a reader needs. An adapter on
+    # parameters (MoE experts, `target_parameters`) may have no target modules at all.
+    names = []
+    for targets in (getattr(lora, "target_modules", None), getattr(lora, "target_parameters", None)):
+        names += [targets] if isinstance(targets, str) else list(targets or [])
+    return ", ".join(sorted({name.split(".")[-1] for name in names})) or "no modules"
 
 
 def _numeric(value) -> bool:

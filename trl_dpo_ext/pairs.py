@@ -22,6 +22,19 @@ logger = logging.getLogger(__name__)
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
+def _prompt_text(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> str:
+    """
+    The text of a sampled prompt that tokenizes back to the ids it was sampled from: special tokens (a chat
+    template's `<|im_start|>`, ...) are kept, since dropping them would train DPO on another context; only a leading
+    BOS that the tokenizer adds by itself is left out, or tokenizing the text would add a second one.
+    """
+    ids = ids.tolist()
+    bos = tokenizer.bos_token_id
+    if ids and bos is not None and ids[0] == bos and tokenizer("").input_ids[:1] == [bos]:
+        ids = ids[1:]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def safe_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
     """A pad id the model can embed. TRL's PPO example adds a new `[PAD]` token without resizing the embeddings, so
     its id is out of range; padded positions are masked anyway, so any in-range id (eos) serves."""
@@ -147,7 +160,7 @@ def build_preference_pairs(
         k: completions per prompt, at least 2.
         max_new_tokens, temperature, batch_size, stop_token_id: sampling settings (`batch_size` prompts at a time).
         missing_eos_penalty: subtracted from the score of a completion that never emits the stop token (PPO's rule).
-        seed: seeds the sampling; None leaves the RNG alone.
+        seed: seeds the sampling, without touching the caller's RNG state; None samples from the global RNG.
 
     Returns:
         `datasets.Dataset` with `prompt`, `chosen`, `rejected`, `score_chosen`, `score_rejected`.
@@ -162,41 +175,43 @@ def build_preference_pairs(
             f"{reward_model.config.num_labels}"
         )
     prompt_ids = prompts_as_ids(prompts, tokenizer)
-    if seed is not None:
-        torch.manual_seed(seed)
     stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
     mask_pad = mask_pad_id(tokenizer, policy)
     rows, scored = [], 0
-    batches = sample_completions(policy, tokenizer, prompt_ids, k, max_new_tokens, temperature, batch_size, stop)
-    for query_responses, context in tqdm(batches, desc="Scoring completions", unit="batch"):
-        queries, responses = query_responses[:, :context], query_responses[:, context:]
-        prompt_text = [tokenizer.decode(q[q != mask_pad], skip_special_tokens=True) for q in queries]
-        completion_text = [tokenizer.decode(r[r != mask_pad], skip_special_tokens=True) for r in responses]
-        if reward_model is not None:
-            scores = reward_model_scores(reward_model, query_responses, mask_pad, context)
-        else:
-            scores = torch.tensor([float(s) for s in reward_fn(prompt_text, completion_text)])
-        if missing_eos_penalty is not None:
-            scores = scores - missing_eos_penalty * (~(responses == stop).any(dim=1)).float().cpu()
-        for first in range(0, len(scores), k):
-            scored += 1
-            # A blank completion (the stop token at once, or only invisible characters) cannot be a DPO answer.
-            candidates = [i for i in range(first, first + k) if not is_blank(completion_text[i])]
-            if len(candidates) < 2:
-                continue
-            best = max(candidates, key=lambda i: scores[i])
-            worst = min(candidates, key=lambda i: scores[i])
-            if scores[best] == scores[worst] or completion_text[best] == completion_text[worst]:
-                continue  # a tie carries no preference
-            rows.append(
-                {
-                    "prompt": prompt_text[first],
-                    "chosen": completion_text[best],
-                    "rejected": completion_text[worst],
-                    "score_chosen": float(scores[best]),
-                    "score_rejected": float(scores[worst]),
-                }
-            )
+    # The seed applies to this sampling only: the caller's RNG state is restored afterwards, whatever it was.
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        batches = sample_completions(policy, tokenizer, prompt_ids, k, max_new_tokens, temperature, batch_size, stop)
+        for query_responses, context in tqdm(batches, desc="Scoring completions", unit="batch"):
+            queries, responses = query_responses[:, :context], query_responses[:, context:]
+            prompt_text = [_prompt_text(tokenizer, q[q != mask_pad]) for q in queries]
+            completion_text = [tokenizer.decode(r[r != mask_pad], skip_special_tokens=True) for r in responses]
+            if reward_model is not None:
+                scores = reward_model_scores(reward_model, query_responses, mask_pad, context)
+            else:
+                scores = torch.tensor([float(s) for s in reward_fn(prompt_text, completion_text)])
+            if missing_eos_penalty is not None:
+                scores = scores - missing_eos_penalty * (~(responses == stop).any(dim=1)).float().cpu()
+            for first in range(0, len(scores), k):
+                scored += 1
+                # A blank completion (the stop token at once, or only invisible characters) cannot be a DPO answer.
+                candidates = [i for i in range(first, first + k) if not is_blank(completion_text[i])]
+                if len(candidates) < 2:
+                    continue
+                best = max(candidates, key=lambda i: scores[i])
+                worst = min(candidates, key=lambda i: scores[i])
+                if scores[best] == scores[worst] or completion_text[best] == completion_text[worst]:
+                    continue  # a tie carries no preference
+                rows.append(
+                    {
+                        "prompt": prompt_text[first],
+                        "chosen": completion_text[best],
+                        "rejected": completion_text[worst],
+                        "score_chosen": float(scores[best]),
+                        "score_rejected": float(scores[worst]),
+                    }
+                )
     logger.info("Built %d preference pairs from %d prompts (%d ties dropped)", len(rows), scored, scored - len(rows))
     if not rows:
         raise ValueError(

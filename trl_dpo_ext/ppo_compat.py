@@ -23,14 +23,12 @@ import torch
 from datasets import Dataset
 
 from .atomic import atomic_dir, atomic_write
-from .collator import PreferenceCollator
 from .config import DPOConfig
 from .pairs import (
     build_preference_pairs,
     mask_pad_id,
     prompts_as_ids,
     reward_model_scores,
-    safe_pad_id,
     sample_completions,
 )
 from .trainer import DPOTrainer
@@ -214,18 +212,11 @@ class PPOTrainer:
     def train(self):
         """Build the preference pairs, then train DPO on them. Returns the DPO `TrainOutput`."""
         self.preference_dataset = self.build_pairs()
-        collator = PreferenceCollator(
-            pad_token_id=safe_pad_id(self.processing_class, self.model),
-            max_length=self.args.max_length,
-            truncation_mode=self.args.truncation_mode,
-            pad_to_multiple_of=self.args.pad_to_multiple_of,
-            padding_side=self.args.padding_side,
-        )
+        # No collator of ours: the DPO trainer builds its own, with the layout it decides (and a pad id in range).
         self.dpo_trainer = DPOTrainer(
             model=self.model,
             ref_model=self.ref_model,
             args=self.args,  # a PPOConfig is a DPOConfig whose beta is kl_coef
-            data_collator=collator,
             train_dataset=self.preference_dataset.remove_columns(["score_chosen", "score_rejected"]),
             processing_class=self.processing_class,
             optimizers=self.optimizers,

@@ -6,9 +6,9 @@ chosen and rejected answer (per token, not summed, so the `kl` metric still work
 loss-type sweep on the same data then runs no reference forward at all.
 
 The key holds what determines those numbers and nothing else:
-- the reference weights: the Hub id + commit + quantization config when the model came from the Hub, else a hash of
-  every non-LoRA tensor (and of the frozen reference adapter, if that is the reference) — never the trained adapter,
-  so a new LoRA initialisation or learning rate reuses the cache;
+- the reference weights: a hash of every non-LoRA tensor (and of the frozen reference adapter, if that is the
+  reference) plus the quantization config — never the trained adapter, so a new LoRA initialisation or learning rate
+  reuses the cache (transformers 5 no longer records a Hub commit on the config, so the weights themselves are hashed);
 - the token ids of every prompt, chosen and rejected answer (which covers the tokenizer, its chat template and the
   dataset contents and order), max length and truncation mode;
 - the layout (prompt sharing, packing), the attention kernel, the compute dtype and the torch/bitsandbytes versions.
@@ -43,18 +43,14 @@ CACHE_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
 
 def weights_fingerprint(model: torch.nn.Module, reference_adapter: str | None = None) -> dict:
     """
-    What identifies the reference weights: Hub id + commit + quantization when loaded from the Hub, else a hash of
-    every tensor that is not a LoRA weight (plus the weights of `reference_adapter`, when that adapter is the
-    reference).
+    What identifies the reference weights: the quantization config and a hash of every tensor that is not a LoRA
+    weight (plus the weights of `reference_adapter`, when that adapter is the reference).
     """
     base = base_model(model)
     config = base.config
     quantization = getattr(config, "quantization_config", None)
     quantization = None if quantization is None else json.loads(quantization.to_json_string(use_diff=False))
     fingerprint = {"quantization": quantization, "dtype": str(base.get_input_embeddings().weight.dtype)}
-    commit = getattr(config, "_commit_hash", None)
-    if commit and reference_adapter is None:
-        return {**fingerprint, "model": config._name_or_path, "revision": commit}
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name and (reference_adapter is None or f".{reference_adapter}." not in name):

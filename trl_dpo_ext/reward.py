@@ -3,35 +3,23 @@
 import torch
 from datasets import Dataset
 
-from .logps import completion_token_logps
 
-
-@torch.no_grad()
 def reward_margins(trainer, dataset: Dataset) -> torch.Tensor:
     """
-    r(x, y_w) − r(x, y_l) for every pair of `dataset` under the trainer's current policy and reference.
+    r(x, y_w) − r(x, y_l) for every pair of `dataset` under the trainer's current policy and reference: the margins
+    [`trl_dpo_ext.ImplicitReward.from_trainer`] computes, one per row (a pair whose prompt fills `max_length` keeps
+    its row, as a tie), so the count and the values agree with `ImplicitReward.margins` by construction.
 
     Args:
         trainer ([`trl_dpo_ext.DPOTrainer`]): supplies the policy, the reference, β and the collator.
-        dataset (`datasets.Dataset`): raw preference rows (prompt/chosen/rejected), validated and tokenized here.
+        dataset (`datasets.Dataset`): raw preference rows (prompt/chosen/rejected), validated and tokenized there.
 
     Returns:
-        `torch.Tensor` of shape `(len(dataset),)`, gathered across processes.
+        `torch.Tensor` of shape `(len(dataset),)`. Every process computes all rows (a held-out set is small).
     """
-    prepared = trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, "eval")
-    loader = trainer.get_eval_dataloader(prepared)
-    was_training = trainer.model.training
-    trainer.model.eval()
-    margins = []
-    try:
-        for batch in loader:
-            policy = completion_token_logps(trainer.model, batch).sequence_logps()
-            reference = trainer._reference_token_logps(batch).sequence_logps()
-            chosen, rejected = (trainer.beta * (policy - reference)).chunk(2)
-            margins.append(trainer.accelerator.gather_for_metrics(chosen - rejected).float().cpu())
-    finally:
-        trainer.model.train(was_training)
-    return torch.cat(margins)
+    from .implicit_reward import ImplicitReward  # here: ImplicitReward imports this module
+
+    return ImplicitReward.from_trainer(trainer).margins(dataset)
 
 
 def preference_accuracy(margins: torch.Tensor) -> float:

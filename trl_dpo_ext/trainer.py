@@ -10,10 +10,10 @@ TRL runs the loop, the data preparation, checkpointing and logging. This subclas
 - `create_optimizer` / `training_step`: a step with a non-finite loss or gradient is skipped (`nonfinite.py`);
 - `train` / `_load_from_checkpoint`: resume only from a completely written checkpoint (`checkpoints.py`), in the
   dtypes the interrupted run trained in;
-- `__init__` tail: one reference only — no redundant adapter copy — the reference cache and the metric callbacks.
+- `__init__` tail: one reference only — no redundant adapter copy (what the reference is: `reference.py`) — the
+  layout, decided from the collator that runs, the reference cache and the metric callbacks.
 """
 
-import contextlib
 import logging
 import warnings
 
@@ -23,8 +23,7 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import get_config_model_id
 
 from .checkpoints import resolve_resume
 from .collator import INDEX_COLUMN, PreferenceCollator
@@ -32,7 +31,7 @@ from .config import DPOConfig
 from .data import validate_preference_dataset
 from .defaults import cache_dir
 from .layout import unsupported_reasons
-from .logps import TokenLogps, cached_reference_logps, completion_token_logps
+from .logps import NON_MODEL_KEYS, TokenLogps, completion_token_logps
 from .losses import LOSSES, preference_loss
 from .metrics import (
     DisplacementAlarmCallback,
@@ -43,8 +42,9 @@ from .metrics import (
     reward_metrics,
 )
 from .model_card import extend_model_card, save_model_files
-from .models import base_model, is_identity_adapter
+from .models import base_model
 from .nonfinite import NonFiniteGuard
+from .pairs import safe_pad_id
 from .refcache import (
     CACHE_COLUMNS,
     cache_key,
@@ -53,17 +53,13 @@ from .refcache import (
     save_reference_cache,
     weights_fingerprint,
 )
+from .reference import Reference, drop_identity_copy
 
 
 logger = logging.getLogger(__name__)
 
-# The private TRL hooks this trainer overrides or calls; `tests/test_trl_hooks.py` fails loudly if one disappears.
-TRL_HOOKS = {
-    "_compute_loss": ("self", "model", "inputs", "return_outputs"),
-    "_prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name"),
-    "_set_signature_columns_if_needed": ("self",),
-    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
-}
+# What TRL's own `_compute_loss` reads from a batch besides the model inputs (plus our cached reference values).
+_STOCK_BATCH_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps"})
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -80,28 +76,28 @@ class DPOTrainer(trl.DPOTrainer):
     _tag_names = ["trl", "dpo", "qlora", "trl_dpo_ext"]
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, *pargs, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+        if args is None:  # TRL would build its own DPOConfig, without this package's fields
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = DPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-DPO")
-        copies_adapter = is_peft_model(model) and ref_model is None and kwargs.get("peft_config") is None
+        # A model given by name is loaded by TRL (with `peft_config`, TRL adds a fresh adapter and no "ref" copy).
+        given_peft = not isinstance(model, str) and is_peft_model(model)
+        copies_adapter = given_peft and ref_model is None and kwargs.get("peft_config") is None
+        if args.accelerator_config.dispatch_batches:
+            logger.warning("dispatch_batches=True is turned off: it would split this trainer's batches wrongly.")
+        # Why: accelerate's batch dispatch (its default for an IterableDataset, e.g. one passed to `evaluate`) slices
+        # every batch tensor to the first one's length, but a preference batch holds tensors of B and 2B rows (and
+        # the layouts of fewer): each process fetches its own batches instead, as TRL does for an iterable train set.
+        args.accelerator_config.dispatch_batches = False
         super().__init__(model, ref_model, args, data_collator, *pargs, **kwargs)
         if copies_adapter:
-            self._drop_identity_ref_adapter()
+            drop_identity_copy(self.model)
+        self.reference = Reference.of(self.model, self.ref_model)
         self._stock_loss_reasons = self._reasons_for_stock_loss()
         if self._stock_loss_reasons:
             logger.warning("Using stock TRL's loss because %s.", "; ".join(self._stock_loss_reasons))
-        self.share_prompt, self.packing = self._choose_layout(args)
-        if data_collator is None and not self._is_vision_dataset:
-            self.data_collator = PreferenceCollator(
-                pad_token_id=self.data_collator.pad_token_id,
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-                padding_side=getattr(args, "padding_side", "right"),
-                share_prompt=self.share_prompt,
-                packing=self.packing,
-            )
-        if getattr(args, "ref_cache", False):
+        if not self._is_vision_dataset:
+            self.data_collator = self._layout_collator(args, data_collator)
+        if getattr(args, "ref_cache", False) and self._cache_usable():
             self.train_dataset = self._with_reference_cache(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self._with_reference_cache(v, k) for k, v in self.eval_dataset.items()}
@@ -118,16 +114,15 @@ class DPOTrainer(trl.DPOTrainer):
             ],
         )
 
-    def _drop_identity_ref_adapter(self) -> None:
-        # Why: TRL copies a PeftModel's adapter into a frozen "ref" adapter. For a fresh LoRA (B = 0) that copy
-        # computes the bare base, so drop it and take the reference with adapters off; an SFT adapter keeps its copy.
-        model = self.accelerator.unwrap_model(self.model)
-        if "ref" in model.peft_config and is_identity_adapter(model, "default"):
-            model.delete_adapter("ref")
-            model.set_adapter("default")
-        for name, param in model.named_parameters():
-            if ".ref." in name:
-                param.requires_grad_(False)
+    @property
+    def share_prompt(self) -> bool:
+        """Whether batches run as `[prompt│chosen│rejected]` rows: read from the collator that runs, never assumed."""
+        return bool(getattr(self.data_collator, "share_prompt", False))
+
+    @property
+    def packing(self) -> bool:
+        """Whether a batch's sequences run packed in one row: read from the collator that runs."""
+        return bool(getattr(self.data_collator, "packing", False))
 
     def _reasons_for_stock_loss(self) -> list[str]:
         checks = [
@@ -140,45 +135,73 @@ class DPOTrainer(trl.DPOTrainer):
         ]
         return [reason for failed, reason in checks if failed]
 
-    def _choose_layout(self, args) -> tuple[bool, bool]:
-        # Why: the shared-prompt and packed layouts need a model that takes a custom 4D mask and a loss computed
-        # here; anything else runs TRL's plain layout, with the reason logged.
-        wanted = {"share_prompt": getattr(args, "share_prompt", False), "packing": getattr(args, "packing", False)}
-        if not any(wanted.values()):
-            return False, False
+    def _layout_reasons(self) -> list[str]:
+        """Why this trainer cannot run the shared-prompt or packed layouts (empty if it can)."""
         models = [self.accelerator.unwrap_model(self.model)] + ([self.ref_model] if self.ref_model is not None else [])
         reasons = [reason for m in models for reason in unsupported_reasons(base_model(m).config)]
         if self._stock_loss_reasons:
             reasons.append("stock TRL's loss reads the plain layout")
-        if args.precompute_ref_log_probs:
+        if self.args.precompute_ref_log_probs:
             reasons.append("precompute_ref_log_probs runs TRL's plain-layout reference pass (use ref_cache instead)")
         if self.compute_metrics is not None:
             reasons.append("compute_metrics needs the plain layout's logits")
         if any(getattr(m, "active_peft_config", None) and m.active_peft_config.is_prompt_learning for m in models):
             reasons.append("prompt-learning adapters prepend virtual tokens")
-        if reasons:
-            on = [name for name, value in wanted.items() if value]
-            logger.warning("Plain layout instead of %s because %s.", " + ".join(on), "; ".join(dict.fromkeys(reasons)))
-            return False, False
-        return wanted["share_prompt"], wanted["packing"]
+        return list(dict.fromkeys(reasons))
+
+    def _layout_collator(self, args, data_collator):
+        """
+        The one place the layout is decided. Without a collator from the caller, ours is built with the layout the
+        config asks for, or the plain one (with the logged reason) where the model or an option cannot take it. A
+        caller's collator runs as given, so the layout reported and keyed on is its own; one that asks for a layout
+        this trainer cannot run is refused.
+        """
+        reasons = self._layout_reasons()
+        if data_collator is not None:
+            asks = [name for name in ("share_prompt", "packing") if getattr(data_collator, name, False)]
+            if asks and reasons:
+                raise ValueError(
+                    f"The data collator asks for {' + '.join(asks)}, which this trainer cannot run because "
+                    f"{'; '.join(reasons)}. Pass a collator with share_prompt=False and packing=False, or none."
+                )
+            return data_collator
+        wanted = [name for name in ("share_prompt", "packing") if getattr(args, name, False)]
+        if wanted and reasons:
+            logger.warning("Plain layout instead of %s because %s.", " + ".join(wanted), "; ".join(reasons))
+            wanted = []
+        return PreferenceCollator(
+            # An id the embedding holds: TRL's pad id can lie beyond it (a `[PAD]` added without resizing); pad
+            # positions are masked, so which in-range id pads changes no number.
+            pad_token_id=safe_pad_id(self._tokenizer, base_model(self.model)),
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            padding_side=getattr(args, "padding_side", "right"),
+            share_prompt="share_prompt" in wanted,
+            packing="packing" in wanted,
+        )
+
+    def _cache_usable(self) -> bool:
+        # Why: the cache holds plain per-token sums; ld_alpha weights the reference's tokens inside TRL's loss, which
+        # the cache cannot reproduce, so that run keeps TRL's reference forward (said once, not silently).
+        if self.ld_alpha is not None:
+            logger.warning("ref_cache is not used: ld_alpha weights the reference tokens inside TRL's loss.")
+            return False
+        return True
 
     def _with_reference_cache(self, dataset, name: str):
         """`dataset` plus per-token reference log-probs as columns: read from the cache, or computed and stored."""
         if not isinstance(dataset, Dataset):
             raise ValueError(f"ref_cache needs a map-style datasets.Dataset; the {name} dataset is {type(dataset)}.")
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        source = self.ref_model or unwrapped
-        adapter = "ref" if self.ref_model is None and "ref" in getattr(unwrapped, "peft_config", {}) else None
-        reference = "ref_model" if self.ref_model is not None else f"adapter:{adapter}" if adapter else "adapters_off"
         key = cache_key(
-            weights_fingerprint(source, adapter),
+            weights_fingerprint(*self.reference.weights(self.model)),
             dataset,
-            reference=reference,
+            reference=self.reference.label,
             max_length=self.args.max_length,
             truncation_mode=self.args.truncation_mode,
             share_prompt=self.share_prompt,
             packing=self.packing,
-            attention=base_model(source).config._attn_implementation,
+            attention=base_model(self.reference.weights(self.model)[0]).config._attn_implementation,
         )
         path = cache_path(self.args.ref_cache_dir or cache_dir() / "ref_logps", key)
         # The main process computes and writes; the others then read the same file.
@@ -274,8 +297,7 @@ class DPOTrainer(trl.DPOTrainer):
         # Why: one path for policy, reference, loss and metrics, whatever the layout or the reference source; TRL's
         # own path for the options this package does not compute itself.
         if return_outputs or self._stock_loss_reasons:
-            inputs = {key: value for key, value in inputs.items() if key != INDEX_COLUMN}  # not a model input
-            return super()._compute_loss(model, inputs, return_outputs)
+            return self._stock_compute_loss(model, inputs, return_outputs)
         policy = completion_token_logps(model, inputs)
         chosen_logps, rejected_logps = policy.sequence_logps().chunk(2)
         reference = None
@@ -300,24 +322,25 @@ class DPOTrainer(trl.DPOTrainer):
         self._record_metrics(inputs, policy, per_pair)
         return loss
 
+    def _stock_compute_loss(self, model, inputs, return_outputs):
+        """TRL's `_compute_loss` on a plain-layout batch: only model inputs and the keys TRL reads reach it, and cached
+        reference log-probs stand in for TRL's reference forward (as its own precomputed ones would)."""
+        inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS or k in _STOCK_BATCH_KEYS}
+        if "ref_token_logps" not in inputs or "ref_chosen_logps" in inputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        sums = self.reference.token_logps(model, inputs).sequence_logps()
+        inputs = {k: v for k, v in inputs.items() if k != "ref_token_logps"}
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = sums.chunk(2)
+        # TRL reads the batch's reference values when `precompute_ref_logps` is set, as for its own precompute.
+        stock_flag, self.precompute_ref_logps = self.precompute_ref_logps, True
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = stock_flag
+
     def _reference_token_logps(self, inputs: dict[str, torch.Tensor]) -> TokenLogps:
-        """Reference log-probs: from the cache if the batch has them, else `ref_model`, else the policy with adapters
-        off (or the frozen "ref" adapter)."""
-        if "ref_token_logps" in inputs:
-            return cached_reference_logps(inputs)
-        adapter = contextlib.nullcontext()
-        model = self.ref_model
-        if model is None:
-            model = self.model
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            if is_peft_model(unwrapped):
-                adapter = use_adapter(unwrapped, "ref" if "ref" in unwrapped.peft_config else None)
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter,
-        ):
-            return completion_token_logps(model, inputs)
+        """Reference log-probs of a batch: see [`trl_dpo_ext.reference.Reference.token_logps`]."""
+        return self.reference.token_logps(self.model, inputs, self.args.gradient_checkpointing_kwargs)
 
     def _record_metrics(self, inputs: dict[str, torch.Tensor], policy: TokenLogps, per_pair: dict) -> None:
         """Gather across processes, then average: the same metric names and definitions as `trl.DPOTrainer`."""
