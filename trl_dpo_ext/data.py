@@ -175,25 +175,26 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
         if chosen == rejected:
             raise ValueError(f"{name} dataset: row {row}: 'chosen' equals 'rejected', so the pair has no preference.")
         if "prompt" not in columns:
-            _check_implicit_prompt(chosen, rejected, conversational, f"{name} dataset: row {row}")
+            _check_implicit_prompt(chosen, rejected, conversational, name, row)
 
 
-def _check_implicit_prompt(chosen, rejected, conversational: bool, where: str) -> None:
+def _check_implicit_prompt(chosen, rejected, conversational: bool, name: str, row: int) -> None:
     """The shared prompt TRL extracts (`trl.extract_prompt`) must be there, and each answer after it must be too."""
     extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
     empty = _blank_messages(extracted["prompt"]) if conversational else is_blank(extracted["prompt"])
     if not extracted["prompt"] or empty:
         shared = "first message" if conversational else "first character"
         raise ValueError(
-            f"{where}: 'chosen' and 'rejected' differ from their {shared}, so the implicit prompt (what they share "
-            "at the start) is empty; add a 'prompt' column or the shared prompt."
+            f"{name} dataset: row {row}: 'chosen' and 'rejected' differ from their {shared}, so the implicit prompt "
+            "(what they share at the start) is empty; add a 'prompt' column or the shared prompt."
         )
     for column in ("chosen", "rejected"):
         answer = extracted[column]
         if _blank_messages(answer) if conversational else is_blank(answer):
+            shared = "shared prompt messages" if conversational else "shared prompt"
             raise ValueError(
-                f"{where}: column {column!r}: the answer after the shared prompt has only empty or whitespace-only "
-                "content."
+                f"{name} dataset: column {column!r}, row {row}: the answer after the {shared} has only empty or "
+                "whitespace-only content."
             )
 
 
