@@ -131,11 +131,16 @@ def assert_within(got, want, tol, what: str = "") -> None:
     assert bool((diff <= tol).all()), f"{what}: |got − want| = {diff_at:.3g} > tolerance {tol_at:.3g} (entry {worst})"
 
 
-def assert_effect(effect: float, tol, factor: float = 10.0, what: str = "") -> None:
-    """The effect a test is about must dwarf the rounding tolerance, or the comparison could not fail."""
-    tol = float(torch.as_tensor(tol).max())
-    _report(f"effect: {what}", effect, tol)
-    assert effect > factor * tol, f"{what}: effect {effect:.3g} is not {factor}x above the tolerance {tol:.3g}"
+def assert_effect(effect, tol, factor: float = 10.0, what: str = "") -> None:
+    """The effect a test is about must dwarf the rounding tolerance, or the comparison could not fail: effect > factor
+    · tol, elementwise when both are tensors (each answer's effect against its own tolerance)."""
+    effect, tol = torch.as_tensor(effect, dtype=torch.float64), torch.as_tensor(tol, dtype=torch.float64)
+    ratio = (effect / tol).flatten()
+    worst = int(ratio.argmin())
+    effect_at = effect.flatten()[worst if effect.numel() > 1 else 0].item()
+    tol_at = tol.flatten()[worst if tol.numel() > 1 else 0].item()
+    _report(f"effect: {what}", effect_at, tol_at)
+    assert effect_at > factor * tol_at, f"{what}: effect {effect_at:.3g} is not {factor}x the tolerance {tol_at:.3g}"
 
 
 def fp32_4bit_kernels(model: torch.nn.Module) -> torch.nn.Module:
