@@ -84,6 +84,7 @@ def test_loader_rejects_ambiguous_adapter_arguments(tiny_dir):
         load_qlora_model(tiny_dir)
 
 
+@pytest.mark.numerics
 def test_fresh_adapter_reference_is_the_untouched_base_and_base_stays_frozen(
     tiny_dir, tokenizer, toy, dpo_args, load_4bit
 ):
@@ -119,6 +120,7 @@ def test_fresh_adapter_reference_is_the_untouched_base_and_base_stays_frozen(
     assert len(changed) == len(lora_after)
 
 
+@pytest.mark.numerics
 def test_sft_adapter_reference_is_the_frozen_sft_adapter(tiny_dir, tokenizer, toy, dpo_args, load_4bit, sft_adapter):
     model = load_qlora_model(tiny_dir, sft_adapter_path=sft_adapter, compute_dtype="float32")
     assert not is_identity_adapter(model)
