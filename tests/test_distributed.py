@@ -12,6 +12,7 @@ ones, at step 1 and after an optimizer step.
 """
 
 import json
+import math
 import os
 import re
 import shlex
@@ -25,8 +26,10 @@ import torch
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
+from numerics import assert_within, backward_rtol, forward_rtol, sum_rtol
 
 from trl_dpo_ext import train
+from trl_dpo_ext.defaults import tiny_llama_config
 
 
 ROOT = Path(__file__).parents[1]
@@ -112,20 +115,41 @@ def test_two_processes_trained_with_world_size_2(runs):
     assert f"Training on 1 process(es) (DistributedType.NO), global batch {2 * BATCH} pairs" in stdout
 
 
+MAX_LENGTH, LORA_R, BETA = 512, 16, 0.1  # the recipe's (recipes/configs/dpo_qlora.yaml)
+
+
+def loss_tol(row: dict, first_loss: float) -> float:
+    """fp32 rounding of a logged loss computed in other batch shapes (tests/numerics.py): the four mean log-probs of
+    the margin to forward + summation rounding (|d loss / d βm| ≤ 1), plus, after a step, the update's share of the
+    loss change computed to the backward's rounding."""
+    config = tiny_llama_config(512)  # the recipe's tiny model (its vocabulary is at most 512)
+    rtol = forward_rtol(config, MAX_LENGTH, LORA_R) + sum_rtol(MAX_LENGTH)
+    names = ("logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
+    moved = abs(row["loss"] - first_loss) * backward_rtol(config, MAX_LENGTH, 2 * BATCH * MAX_LENGTH, LORA_R)
+    return BETA * rtol * sum(abs(row[name]) for name in names) + moved
+
+
 def test_losses_and_gathered_metrics_equal_the_single_process_run_with_the_same_global_batch(runs):
     two, one = runs["two"][2], runs["one"][2]
     assert [row["step"] for row in two] == [row["step"] for row in one] == [1, 2]
+    for run in (two, one):
+        # Step 1 runs before any update with a fresh (B = 0) adapter: π = π_ref, so the loss is log 2 up to the
+        # rounding of π (this batch) against π_ref (the cache, computed in other batches). More is a real difference
+        # between the policy and the reference computation, not a tolerance (issue #15: 0.6963 on an AVX512-BF16 CPU).
+        assert_within(run[0]["loss"], math.log(2), loss_tol(run[0], run[0]["loss"]), "step-1 loss vs log 2")
     for ddp, single in zip(two, one):
-        assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-5), ddp["step"]
+        # Not the derived bound (loss_tol, ~1e-3 here): that could not tell averaged from summed gradients, which move
+        # step 2 by |Δloss| ≈ 1.3e-3. 1e-5 is what resolving that needs; measured 3.6e-7 (docs/distributed.md).
+        assert_within(ddp["loss"], single["loss"], 1e-5, f"loss, step {ddp['step']}")
         # Gathered, not rank 0's half: token counts are summed and per-pair metrics averaged over all 2 * BATCH pairs.
         assert ddp["num_tokens"] == single["num_tokens"]
         assert ddp["rewards/accuracies"] == single["rewards/accuracies"]
         assert set(ddp) == set(single)
         for name in sorted(set(single) - UNCOMPARED - {"step", "loss"}):
             assert ddp[name] == pytest.approx(single[name], rel=1e-5, abs=1e-5), (ddp["step"], name)
-    # Step 2 follows an optimizer step on DDP-averaged gradients: the policy has moved (50 times the tolerance), the
-    # same way in both runs. Summed or unreduced gradients would move it differently.
-    assert two[0]["loss"] - two[1]["loss"] > 5e-4 and two[1]["kl"] > 0
+    # Step 2 follows an optimizer step on DDP-averaged gradients: the policy has moved, the same way in both runs.
+    # Summed or unreduced gradients would move it differently.
+    assert two[0]["loss"] - two[1]["loss"] > 5e-4 and two[1]["kl"] > 0  # 50 times the 1e-5 above
 
 
 def test_reference_cache_is_built_once_by_rank_0_and_read_by_rank_1(runs):

@@ -1,15 +1,18 @@
 """`trl-dpo-ext merge`: the merged model computes what the adapter model does, and loads without peft or bitsandbytes.
 
-Tolerances on the logits (values of order 1): 1e-5 for an fp32 merge (only float summation order differs from the
-adapter model's `W·x + B·A·x`), 2e-2 for bf16 (8-bit mantissa weights).
+Tolerances on the logits: for an fp32 merge, the forward's fp32 rounding relative to the largest logit (only the order
+of float operations differs from the adapter model's `W·x + B·A·x`; tests/numerics.py), the adapter model kept on
+bitsandbytes' fp32 path on every CPU; 2e-2 for bf16 (8-bit mantissa weights).
 """
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from numerics import assert_effect, assert_within, forward_rtol, fp32_4bit_kernels
 from peft import PeftModel
 from recipe_run import trained_run
 from safetensors import safe_open
@@ -19,7 +22,6 @@ from trl_dpo_ext import merge_adapter
 from trl_dpo_ext.cli import main as cli
 
 
-FP32_TOLERANCE = 1e-5
 BF16_TOLERANCE = 2e-2
 TEXT = "User: Is the Atlas kayak worth buying?\nAssistant: Sure! The Atlas kayak is sturdy and quiet."
 
@@ -50,13 +52,20 @@ def adapter_logits(run):
     base = AutoModelForCausalLM.from_pretrained(
         base_path, quantization_config=BitsAndBytesConfig.from_dict(saved["quantization_config"]), dtype=torch.float32
     )
-    model = PeftModel.from_pretrained(base, run.output_dir).eval()
+    model = PeftModel.from_pretrained(fp32_4bit_kernels(base), run.output_dir).eval()
     ids = AutoTokenizer.from_pretrained(run.output_dir)(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits
         with model.disable_adapter():
-            assert (logits - model(ids).logits).abs().max() > 1e-2  # the adapter changes the outputs
+            moved = (logits - model(ids).logits).abs().max().item()
+    # the adapter changes the outputs, far beyond the fp32 merge's rounding
+    assert_effect(moved, fp32_tolerance(model.config, logits), what="adapter vs base logits")
     return logits
+
+
+def fp32_tolerance(config, logits):
+    """fp32 rounding of the logits, relative to the largest one, for one more rounding per merged weight W + B·A."""
+    return (forward_rtol(config, logits.size(1), lora_r=16) + 2 * 2**-24) * logits.abs().max().item()
 
 
 def test_fp32_merge_matches_the_adapter_model_and_loads_without_peft_or_bnb(run, adapter_logits, tmp_path, capsys):
@@ -74,7 +83,8 @@ def test_fp32_merge_matches_the_adapter_model_and_loads_without_peft_or_bnb(run,
     )
     merged_logits = torch.load(logits_file)
     assert merged_logits.shape == adapter_logits.shape
-    assert (merged_logits - adapter_logits).abs().max().item() < FP32_TOLERANCE
+    tol = fp32_tolerance(SimpleNamespace(**config), adapter_logits)
+    assert_within(merged_logits, adapter_logits, tol, "merged vs adapter logits")  # fp32 rounding, relative to max
 
 
 def test_bf16_merge(run, adapter_logits, tmp_path):

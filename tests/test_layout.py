@@ -6,6 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from numerics import (
+    assert_effect,
+    assert_within,
+    backward_rtol,
+    fp32_4bit_kernels,
+    sequence_logps_tol,
+    sigmoid_loss_tol,
+)
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -135,6 +143,7 @@ def qlora_trainer(request, tiny_dir, tokenizer, tmp_path_factory):
     base = AutoModelForCausalLM.from_pretrained(
         tiny_dir, quantization_config=nf4_config(torch.float32), attn_implementation=request.param
     )
+    fp32_4bit_kernels(base)  # an fp32 comparison on every CPU (tests/numerics.py)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
     args = DPOConfig(
         output_dir=str(tmp_path_factory.mktemp("layout")),
@@ -159,20 +168,36 @@ def collate(trainer, share_prompt: bool, packing: bool):
     return collator(list(trainer.train_dataset))
 
 
+LORA_R = 4
+
+
+def logps_tol(trainer, logps, plain, other):
+    """fp32 rounding of each Σ_t log p, computed in two layouts (context: the longer row of the two; numerics.py)."""
+    seq_len = max(plain["input_ids"].size(1), other["input_ids"].size(1))
+    return sequence_logps_tol(logps.sequence_logps(), logps.lengths(), trainer.model.config, seq_len, LORA_R)
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts_give_the_plain_log_probs(qlora_trainer, layout):
     plain, other = collate(qlora_trainer, False, False), collate(qlora_trainer, *LAYOUTS[layout])
     assert other["input_ids"].numel() < plain["input_ids"].numel()  # fewer tokens computed
     with torch.no_grad():
-        for run in (lambda b: completion_token_logps(qlora_trainer.model, b), qlora_trainer._reference_token_logps):
+        for name, run in (
+            ("policy", lambda b: completion_token_logps(qlora_trainer.model, b)),
+            ("reference", qlora_trainer._reference_token_logps),
+        ):
             want, got = run(plain), run(other)
-            torch.testing.assert_close(got.sequence_logps(), want.sequence_logps(), atol=1e-4, rtol=0)
-            torch.testing.assert_close(got.lengths(), want.lengths(), atol=0, rtol=0)
-    policy = completion_token_logps(qlora_trainer.model, plain).sequence_logps()
-    reference = qlora_trainer._reference_token_logps(plain).sequence_logps()
-    assert (policy - reference).abs().min() > 1e-3  # the random adapter makes π ≠ π_ref: both paths are exercised
+            tol = logps_tol(qlora_trainer, want, plain, other)
+            assert_within(got.sequence_logps(), want.sequence_logps(), tol, name)  # fp32 rounding, per sequence
+            torch.testing.assert_close(got.lengths(), want.lengths(), atol=0, rtol=0)  # token counts: exact
+        policy = completion_token_logps(qlora_trainer.model, plain).sequence_logps()
+        reference = qlora_trainer._reference_token_logps(plain).sequence_logps()
+    # the random adapter makes π ≠ π_ref for every answer, far beyond rounding: both paths are exercised
+    assert_effect((policy - reference).abs(), tol, factor=2, what="policy vs reference")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts_give_the_plain_loss_and_gradients(qlora_trainer, layout):
     model = qlora_trainer.model
@@ -183,11 +208,21 @@ def test_layouts_give_the_plain_loss_and_gradients(qlora_trainer, layout):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    want_loss, want_grads = loss_and_grads(collate(qlora_trainer, False, False))
-    got_loss, got_grads = loss_and_grads(collate(qlora_trainer, *LAYOUTS[layout]))
+    plain, other = collate(qlora_trainer, False, False), collate(qlora_trainer, *LAYOUTS[layout])
+    want_loss, want_grads = loss_and_grads(plain)
+    got_loss, got_grads = loss_and_grads(other)
     model.zero_grad()
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        policy = completion_token_logps(model, plain)
+        reference = qlora_trainer._reference_token_logps(plain)
+    pairs = plain["input_ids"].size(0) // 2
+    tols = [logps_tol(qlora_trainer, lp, plain, other) for lp in (policy, reference)]
+    loss_tol = sigmoid_loss_tol(qlora_trainer.beta, *(t for tol in tols for t in tol.split(pairs)))
+    assert_within(got_loss, want_loss, loss_tol, "loss")  # |d loss / d βm| ≤ 1, m from four sequence log-probs
     assert want_grads.keys() == got_grads.keys() and len(want_grads) > 0
+    seq_len = max(plain["input_ids"].size(1), other["input_ids"].size(1))
+    rtol = backward_rtol(model.config, seq_len, plain["input_ids"].numel(), LORA_R)
     for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-4, rtol=0, msg=name)
+        # norm-wise: the backward's rounding relative to the largest entry of the gradient tensor
+        assert_within(got_grads[name], want_grads[name], rtol * want_grads[name].abs().max().item(), name)
     assert max(g.abs().max() for g in want_grads.values()) > 1e-3  # non-trivial gradients

@@ -101,6 +101,8 @@ def load_qlora_model(
         # ZeRO-3 places (partitions) the weights itself; transformers refuses a device_map with it.
         device_map=None if is_deepspeed_zero3_enabled() else {"": _default_device()},
     )
+    if compute_dtype == torch.float32:
+        keep_fp32_cpu_kernels(base)
     if sft_adapter_path is not None:
         model = PeftModel.from_pretrained(base, sft_adapter_path, is_trainable=True)
     else:
@@ -123,6 +125,20 @@ def quantized_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     import bitsandbytes as bnb
 
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def keep_fp32_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """
+    Keep every 4-bit layer of `model` on bitsandbytes' fp32 path (dequantize, then an fp32 matmul) in eval mode too.
+
+    On a CPU with AVX512-BF16, `bnb.nn.Linear4bit.forward` (bitsandbytes >= 0.48) repacks its weights in place
+    (absmax rounded to bf16, double quantization undone) and switches to a bf16 kernel whenever it runs in eval mode
+    without grad, and stays repacked afterwards. That silently makes a reference pass (the reference cache, held-out
+    scoring) bf16 while training computes in fp32, so π_ref ≠ π at step 0. A no-op on other CPUs and on GPUs.
+    """
+    for module in quantized_modules(model):
+        module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _default_device() -> str | int:
