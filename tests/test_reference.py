@@ -239,3 +239,13 @@ def test_pairs_keep_special_tokens_of_the_sampled_prompt_and_the_callers_rng(tin
     assert torch.equal(torch.get_rng_state(), before)  # seeded sampling, the caller's generator untouched
     assert pairs[0]["prompt"] == prompt  # the special tokens survive: DPO trains on the context that was sampled
     assert tokenizer(pairs[0]["prompt"]).input_ids == tokenizer(prompt).input_ids
+
+
+def test_the_trainer_keeps_a_callers_4bit_model_on_fp32_kernels(tokenizer, pairs, dpo_args, load_4bit):
+    from trl_dpo_ext.models import quantized_modules
+
+    model = fresh_lora(load_4bit())
+    for module in quantized_modules(model):  # as bitsandbytes sets it on an AVX512-BF16 CPU
+        module.support_avx512bf16_for_cpu = True
+    DPOTrainer(model=model, args=dpo_args(), train_dataset=pairs, processing_class=tokenizer)
+    assert not any(module.support_avx512bf16_for_cpu for module in quantized_modules(model))

@@ -115,3 +115,11 @@ def test_every_private_name_the_package_uses_is_listed():
     # Names we override are "defined" by us too: they must still be listed.
     overridden = {"_compute_loss", "_prepare_dataset", "_set_signature_columns_if_needed", "_load_from_checkpoint"}
     assert overridden <= private_api.PRIVATE_NAMES
+
+
+@pytest.mark.parametrize("name", private_api.BITSANDBYTES_ATTRIBUTES)
+def test_bitsandbytes_switch_is_still_read_by_the_4bit_forward(name):
+    import bitsandbytes as bnb
+
+    assert hasattr(bnb.nn.Linear4bit(8, 8), name)
+    assert f"self.{name}" in inspect.getsource(bnb.nn.Linear4bit.forward)

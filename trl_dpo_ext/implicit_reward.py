@@ -25,7 +25,7 @@ from .collator import PreferenceCollator
 from .data import validate_preference_dataset
 from .logps import completion_token_logps
 from .model_card import load_base_as_trained, load_training_config
-from .models import base_model
+from .models import base_model, keep_fp32_cpu_kernels
 from .reference import PRECOMPUTED, REFERENCE_ADAPTER, Reference
 from .reward import preference_accuracy
 
@@ -121,7 +121,8 @@ class ImplicitReward:
                 raise ValueError(f"{adapter_path} has no dpo_config.json to read beta from: pass beta explicitly.")
             beta = dpo_config["beta"]
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = PeftModel.from_pretrained(load_base_as_trained(adapter_path, base_model, device), adapter_path)
+        base = keep_fp32_cpu_kernels(load_base_as_trained(adapter_path, base_model, device))  # scored as trained
+        model = PeftModel.from_pretrained(base, adapter_path)
         _match_saved_dtype(model, adapter_path, "default")
         if (adapter_path / REFERENCE_ADAPTER / "adapter_config.json").is_file():  # trained from an SFT adapter
             model.load_adapter(adapter_path / REFERENCE_ADAPTER, adapter_name=REFERENCE_ADAPTER)

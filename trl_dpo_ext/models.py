@@ -101,8 +101,7 @@ def load_qlora_model(
         # ZeRO-3 places (partitions) the weights itself; transformers refuses a device_map with it.
         device_map=None if is_deepspeed_zero3_enabled() else {"": _default_device()},
     )
-    if compute_dtype == torch.float32:
-        keep_fp32_cpu_kernels(base)
+    keep_fp32_cpu_kernels(base)
     if sft_adapter_path is not None:
         model = PeftModel.from_pretrained(base, sft_adapter_path, is_trainable=True)
     else:
@@ -129,7 +128,8 @@ def quantized_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def keep_fp32_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """
-    Keep every 4-bit layer of `model` on bitsandbytes' fp32 path (dequantize, then an fp32 matmul) in eval mode too.
+    Keep every fp32-compute 4-bit layer of `model` on bitsandbytes' fp32 path (dequantize, then an fp32 matmul) in
+    eval mode too.
 
     On a CPU with AVX512-BF16, `bnb.nn.Linear4bit.forward` (bitsandbytes >= 0.48) repacks its weights in place
     (absmax rounded to bf16, double quantization undone) and switches to a bf16 kernel whenever it runs in eval mode
@@ -137,7 +137,9 @@ def keep_fp32_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
     scoring) bf16 while training computes in fp32, so π_ref ≠ π at step 0. A no-op on other CPUs and on GPUs.
     """
     for module in quantized_modules(model):
-        module.support_avx512bf16_for_cpu = False
+        # A layer that computes in bf16/fp16 by choice keeps bitsandbytes' behaviour; only fp32 compute is kept fp32.
+        if module.compute_dtype in (None, torch.float32):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -50,6 +50,10 @@ TRANSFORMERS_TRAINER_ATTRIBUTES = ("_signature_columns",)
 # `PretrainedConfig` attributes: the attention kernel.
 TRANSFORMERS_CONFIG_ATTRIBUTES = ("_attn_implementation",)
 
+# bitsandbytes: the per-layer switch `Linear4bit.forward` reads to repack its weights for a bf16 CPU kernel in eval
+# mode (`models.keep_fp32_cpu_kernels` turns it off for fp32 compute).
+BITSANDBYTES_ATTRIBUTES = ("support_avx512bf16_for_cpu",)
+
 # Every underscore name above: what the package-wide scan accepts.
 PRIVATE_NAMES = frozenset(
     {name for name in (*TRL_HOOKS, *TRL_ATTRIBUTES, *TRANSFORMERS_TRAINER_METHODS) if name.startswith("_")}

@@ -42,7 +42,7 @@ from .metrics import (
     reward_metrics,
 )
 from .model_card import extend_model_card, save_model_files
-from .models import base_model
+from .models import base_model, keep_fp32_cpu_kernels
 from .nonfinite import NonFiniteGuard
 from .pairs import safe_pad_id
 from .refcache import (
@@ -91,6 +91,11 @@ class DPOTrainer(trl.DPOTrainer):
         super().__init__(model, ref_model, args, data_collator, *pargs, **kwargs)
         if copies_adapter:
             drop_identity_copy(self.model)
+        # Why: on an AVX512-BF16 CPU, bitsandbytes would run eval-mode passes (the reference cache, evaluation) in bf16
+        # while training runs in fp32, so π_ref would differ from the starting π.
+        for m in (self.model, self.ref_model):
+            if m is not None:
+                keep_fp32_cpu_kernels(m)
         self.reference = Reference.of(self.model, self.ref_model)
         self._stock_loss_reasons = self._reasons_for_stock_loss()
         if self._stock_loss_reasons:
