@@ -14,10 +14,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+from recipe_run import trained_run
+from safetensors.torch import save_file
 from test_cli import user_error
 
 from trl_dpo_ext import DPOConfig, cli, train
-from trl_dpo_ext.atomic import atomic_dir, atomic_write
+from trl_dpo_ext.atomic import atomic_dir, atomic_write, current_umask
 from trl_dpo_ext.config import RecipeArguments
 from trl_dpo_ext.errors import DEBUG_ENV
 from trl_dpo_ext.quiet import silence_known_noise
@@ -280,12 +283,27 @@ def test_atomic_writes_get_the_umask_permissions(umask, file_mode, dir_mode, tmp
         with atomic_write(tmp_path / "adapter_config.json") as handle:
             handle.write("{}")
         with atomic_dir(tmp_path / "merged") as staging:
-            (staging / "model.safetensors").write_text("weights")
+            (staging / "config.json").write_text("{}")
+            save_file({"weight": torch.zeros(2)}, staging / "model.safetensors")  # safetensors writes it 0600
     finally:
         os.umask(previous)
     assert (tmp_path / "adapter_config.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "merged").stat().st_mode & 0o777 == dir_mode
-    assert (tmp_path / "merged" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "merged" / name).stat().st_mode & 0o777 == file_mode, name
+
+
+def test_a_training_run_is_readable_as_the_umask_says(tmp_path_factory):
+    run = trained_run(tmp_path_factory)  # trained in this process, umask as the session has it
+    umask = current_umask()
+    modes = {
+        str(path.relative_to(run.output_dir)): path.stat().st_mode & 0o777
+        for path in run.output_dir.rglob("*")
+        if path.name != LOCK_NAME
+    }
+    assert "adapter_model.safetensors" in modes and "dpo_config.json" in modes and "metrics.png" in modes
+    wanted = {name: (0o777 if (run.output_dir / name).is_dir() else 0o666) & ~umask for name in modes}
+    assert modes == wanted
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,22 @@ def current_umask() -> int:
     return mask
 
 
+def apply_umask_permissions(root: str | os.PathLike) -> None:
+    """
+    Give every file and directory under `root` (and `root`) at least the read/write permissions the umask allows.
+    safetensors' `save_file` writes through a private temp file, so model weights saved by peft or transformers come
+    out 0600 whatever the umask; everything else keeps its mode (execute bits included).
+    """
+    umask = current_umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        wanted = (0o777 if path.is_dir() else 0o666) & ~umask
+        mode = path.stat().st_mode & 0o7777
+        if mode | wanted != mode:
+            path.chmod(mode | wanted)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temp file beside `path`, yield it, then fsync and rename it over `path` (rename is atomic on POSIX)."""
@@ -66,6 +82,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     try:
         yield staging
         staging.chmod(0o777 & ~current_umask())
+        apply_umask_permissions(staging)
         old = None
         if replace and path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
