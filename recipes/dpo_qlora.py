@@ -5,20 +5,24 @@
         --dataset_name trl-lib/ultrafeedback_binarized --output_dir runs/qwen-dpo
 
 Settings come from `recipes/configs/dpo_qlora.yaml` unless `--config` names another file; any flag overrides both.
-The recipe itself lives in `trl_dpo_ext.train`, which `trl-dpo-ext dpo` runs too.
+The recipe itself lives in `trl_dpo_ext.train`, which `trl-dpo-ext dpo` runs too. A mistake in the settings or the
+data ends it with `error: MESSAGE` and exit status 2, without a traceback unless TRL_DPO_EXT_DEBUG=1.
 """
 
+import sys
 from pathlib import Path
 
-from trl_dpo_ext import train
+from trl_dpo_ext import cli
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "dpo_qlora.yaml"
 
 
 def parse(argv: list[str] | None = None):
+    from trl_dpo_ext import train
+
     return train.parse(argv, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":
-    train.main(*parse())
+    raise SystemExit(cli.run_recipe(sys.argv[1:], DEFAULT_CONFIG))

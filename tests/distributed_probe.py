@@ -29,7 +29,11 @@ def main() -> None:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
     sys.argv = [str(RECIPE), *sys.argv[1:]]
-    runpy.run_path(str(RECIPE), run_name="__main__")
+    try:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    except SystemExit as exit_:  # the recipe ends with its exit status; 0 goes on to the probe line
+        if exit_.code:
+            raise
     # PartialState is the state the Trainer's `args.world_size` and the data sharding come from; it keeps its values
     # after the recipe's `trainer.end()` has destroyed the process group.
     state = PartialState()

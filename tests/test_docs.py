@@ -44,6 +44,24 @@ def test_documented_imports_work(language):
         exec(statement, {})
 
 
+NEEDS = re.compile(r"# Needs (the Hub|a GPU|the run above)")  # a block's first line, saying why it is not run here
+
+
+@pytest.mark.parametrize("doc", [doc for doc in DOCS if "```python" in doc.read_text()], ids=lambda doc: doc.name)
+def test_python_snippets_run_as_written(doc, tmp_path, monkeypatch):
+    """Each doc's Python blocks, in order, each in a fresh namespace, in one directory: as a reader pastes them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRL_DPO_EXT_CACHE", str(tmp_path / "cache"))
+    blocks = [body for lang, body in CODE_BLOCK.findall(doc.read_text()) if lang == "python"]
+    ran = 0
+    for body in blocks:
+        if NEEDS.match(body):
+            continue
+        exec(compile(body, f"{doc.name} snippet", "exec"), {"__name__": "__snippet__"})
+        ran += 1
+    assert ran or all(NEEDS.match(body) for body in blocks)
+
+
 def test_documented_commands_parse():
     commands = []
     for _, body in code_blocks("bash"):

@@ -4,41 +4,46 @@ One 4-bit NF4 base is shared by the policy (base + LoRA) and the reference (the 
 frozen SFT adapter). See README.md.
 """
 
-from .collator import PreferenceCollator
-from .config import DPOConfig, QLoRAModelConfig
-from .data import load_preference_dataset, to_conversational, validate_preference_dataset
-from .export import merge_adapter
-from .implicit_reward import ImplicitReward
-from .losses import LOSSES
-from .metrics import DisplacementAlarmCallback, MetricsHistoryCallback, ThroughputCallback, add_metric_callbacks
-from .models import load_qlora_model
-from .pairs import build_preference_pairs
-from .registry import available_trainers, get_trainer
-from .reward import preference_accuracy, reward_margins
-from .trainer import DPOTrainer
+import importlib
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DPOConfig",
-    "DPOTrainer",
-    "DisplacementAlarmCallback",
-    "ImplicitReward",
-    "LOSSES",
-    "MetricsHistoryCallback",
-    "PreferenceCollator",
-    "QLoRAModelConfig",
-    "ThroughputCallback",
-    "add_metric_callbacks",
-    "build_preference_pairs",
-    "available_trainers",
-    "get_trainer",
-    "load_preference_dataset",
-    "load_qlora_model",
-    "merge_adapter",
-    "preference_accuracy",
-    "reward_margins",
-    "to_conversational",
-    "validate_preference_dataset",
-]
+# Public name -> submodule. The names are imported on first use (PEP 562), not here: importing the package (which
+# `trl-dpo-ext --help` does) then costs no torch, transformers or TRL import.
+_EXPORTS = {
+    "DPOConfig": "config",
+    "DPOTrainer": "trainer",
+    "DisplacementAlarmCallback": "metrics",
+    "ImplicitReward": "implicit_reward",
+    "LOSSES": "losses",
+    "MetricsHistoryCallback": "metrics",
+    "PreferenceCollator": "collator",
+    "QLoRAModelConfig": "config",
+    "ThroughputCallback": "metrics",
+    "add_metric_callbacks": "metrics",
+    "build_preference_pairs": "pairs",
+    "available_trainers": "registry",
+    "get_trainer": "registry",
+    "load_preference_dataset": "data",
+    "load_qlora_model": "models",
+    "merge_adapter": "export",
+    "preference_accuracy": "reward",
+    "reward_margins": "reward",
+    "to_conversational": "data",
+    "validate_preference_dataset": "data",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -9,20 +9,29 @@
 
 Every command takes `--help`; the ones with settings read them as TRL scripts do (`TrlParser`: dataclass fields as
 flags, `--config FILE` for YAML). `python -m trl_dpo_ext.cli` and `accelerate launch -m trl_dpo_ext.cli` work too.
+
+A mistake the user can fix ends the command with `error: MESSAGE` on stderr and exit status 2, no traceback
+(`trl-dpo-ext --debug COMMAND ...` or `TRL_DPO_EXT_DEBUG=1` shows it; see `trl_dpo_ext.errors`).
+
+This module imports no torch, transformers or TRL at the top: `--help` prints help stored in
+`trl_dpo_ext/data/cli_help.json` (generated from the parsers, see `write_help_cache`) without them, and a command
+imports what it needs when it runs.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import sys
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from trl import TrlParser
+from .errors import DEBUG_ENV, exit_status_of
+from .quiet import silence_known_noise
 
 
 @dataclass
@@ -118,11 +127,18 @@ class PlotArguments:
     """Settings of `trl-dpo-ext plot`."""
 
     metrics: str = field(metadata={"help": "A metrics_history.json file, or the run directory holding one."})
-    out: str | None = field(default=None, metadata={"help": "PNG to write; default: metrics.png beside the history."})
+    out: str | None = field(
+        default=None,
+        metadata={
+            "help": "PNG to write; default: metrics_plot.png beside the history (training's own plot, metrics.png, "
+            "is left alone)."
+        },
+    )
     keys: list[str] | None = field(
         default=None,
         metadata={"help": "Metrics to plot, one panel each; default: loss, rewards/accuracies, rewards/margins, kl."},
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace --out if it exists (it is refused otherwise)."})
 
 
 def run_dpo(argv: list[str]) -> int:
@@ -223,9 +239,25 @@ def load_prompts(source: str | None, split: str, tokenizer) -> list[str]:
     ]
 
 
+def check_adapter_dir(adapter: str) -> None:
+    """Raise a `ValueError` unless `adapter` is a directory with a saved LoRA adapter (`adapter_config.json`)."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise ValueError(
+            f"--adapter {path}: no such directory. Pass a training run's output_dir (or one of its checkpoint-N "
+            "directories)."
+        )
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"--adapter {path} holds no adapter_config.json, so it is no saved adapter. Pass a training run's "
+            "output_dir (or one of its checkpoint-N directories)."
+        )
+
+
 def run_merge(args: MergeArguments) -> int:
     from .export import merge_adapter
 
+    check_adapter_dir(args.adapter)
     out = merge_adapter(args.adapter, args.out, args.dtype, args.overwrite, args.base_model, args.device)
     print(f"Merged model ({args.dtype}) saved to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
     return 0
@@ -237,6 +269,7 @@ def run_score(args: ScoreArguments) -> int:
     from .data import load_preference_dataset, to_conversational
     from .implicit_reward import ImplicitReward
 
+    check_adapter_dir(args.adapter)
     dataset = load_preference_dataset(args.dataset_name, args.dataset_config)
     if args.dataset_test_split in dataset:
         pairs = dataset[args.dataset_test_split]
@@ -260,13 +293,21 @@ def run_plot(args: PlotArguments) -> int:
     path = Path(args.metrics)
     if path.is_dir():
         path = path / "metrics_history.json"
-    history = json.loads(path.read_text())
+    if not path.is_file():
+        raise ValueError(f"--metrics {path}: no such file (a training run writes metrics_history.json at its end).")
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--metrics {path}: not a metrics history (JSON): {error}") from error
     keys = tuple(args.keys or MetricsHistoryCallback.PLOTTED)
     available = sorted({key for row in history for key, value in row.items() if isinstance(value, (int, float))})
     missing = [key for key in keys if key not in available]
     if missing:
         raise ValueError(f"{path} has no metric {missing[0]!r}; it has {available}")
-    out = plot_metrics(history, args.out or path.with_name("metrics.png"), keys)
+    out = Path(args.out) if args.out else path.with_name("metrics_plot.png")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it, or --out to write elsewhere.")
+    out = plot_metrics(history, out, keys)
     print(f"Plot of {', '.join(keys)} saved to {out}")
     return 0
 
@@ -312,15 +353,93 @@ COMMANDS = {
 }
 
 
+HELP_CACHE = Path(__file__).parent / "data" / "cli_help.json"
+HELP_WIDTH = 100
+# The help texts are those of the parsers of these packages' versions; with others installed it is rendered live.
+HELP_PACKAGES = ("trl", "transformers")
+
+
+def command_parser(name: str):
+    """The `TrlParser` that `trl-dpo-ext NAME` parses its arguments with (imports TRL)."""
+    from trl import TrlParser
+
+    from . import train
+
+    command = COMMANDS[name]
+    prog = f"trl-dpo-ext {name}"
+    if name == "dpo":
+        return train.make_parser(prog=prog)
+    if command.arguments is None:
+        return TrlParser((), prog=prog, description=command.help)
+    return TrlParser(command.arguments, prog=prog, description=command.help, epilog=CONFIG_HELP)
+
+
+@contextlib.contextmanager
+def _columns(width: int) -> Iterator[None]:
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps help to $COLUMNS
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+
+
+def render_help(name: str) -> str:
+    """`trl-dpo-ext NAME --help` as its parser prints it, wrapped at `HELP_WIDTH` columns."""
+    with _columns(HELP_WIDTH):
+        return command_parser(name).format_help()
+
+
+def write_help_cache() -> Path:
+    """Regenerate `HELP_CACHE` from the parsers: `python -c "from trl_dpo_ext import cli; cli.write_help_cache()"`."""
+    from .atomic import atomic_write
+
+    cache = {"versions": _help_versions(), "help": {name: render_help(name) for name in COMMANDS}}
+    with atomic_write(HELP_CACHE, encoding="utf-8") as handle:
+        json.dump(cache, handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
+    return HELP_CACHE
+
+
+def _help_versions() -> dict[str, str]:
+    return {package: version(package) for package in HELP_PACKAGES}
+
+
+def stored_help(name: str) -> str | None:
+    """The stored `--help` of command `name`, or None when the installed TRL/transformers are not the ones it shows."""
+    try:
+        cache = json.loads(HELP_CACHE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if cache.get("versions") != _help_versions():
+        return None
+    return cache["help"].get(name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run `trl-dpo-ext COMMAND [ARGS]`; returns the exit status."""
+    """
+    Run `trl-dpo-ext [--debug] COMMAND [ARGS]`; returns the exit status. User errors (see `trl_dpo_ext.errors`) are
+    printed as `error: MESSAGE` with status 2; `--debug` (before the command) re-raises them with the traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before the command only: after it, `--debug` is transformers' TrainingArguments.debug.
+    debug = argv[:1] == ["--debug"]
+    silence_known_noise()
+    return exit_status_of(_main, argv[debug:], debug=debug)
+
+
+def _main(argv: list[str]) -> int:
     parser = ArgumentParser(
         prog="trl-dpo-ext",
         description="DPO with QLoRA on one GPU, as a TRL plugin.",
         formatter_class=RawDescriptionHelpFormatter,
-        epilog="Run `trl-dpo-ext COMMAND --help` for the settings of a command.",
+        epilog="Run `trl-dpo-ext COMMAND --help` for the settings of a command. `trl-dpo-ext --debug COMMAND ...` "
+        f"(or {DEBUG_ENV}=1) shows the traceback of an error.",
     )
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of an error (before COMMAND).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
         commands.add_parser(name, help=command.help, add_help=False)
@@ -330,15 +449,26 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r} (choose from {', '.join(COMMANDS)})")
-    command = COMMANDS[name]
+    if "-h" in rest or "--help" in rest:
+        # The stored text when it matches the installed TRL/transformers (no import of them), else the parser's.
+        print(stored_help(name) or command_parser(name).format_help(), end="")
+        return 0
     if name == "dpo":
-        return command.run(rest)
-    if command.arguments is None:
-        parser = TrlParser((), prog=f"trl-dpo-ext {name}", description=command.help)
-    else:
-        parser = TrlParser(command.arguments, prog=f"trl-dpo-ext {name}", description=command.help, epilog=CONFIG_HELP)
-    parsed = parser.parse_args_and_config(rest)
-    return command.run(*parsed)
+        return run_dpo(rest)
+    parsed = command_parser(name).parse_args_and_config(rest)
+    return COMMANDS[name].run(*parsed)
+
+
+def run_recipe(argv: list[str] | None, default_config: str | Path) -> int:
+    """`recipes/dpo_qlora.py`'s entry point: the recipe with `default_config`, errors reported as `main` does."""
+    silence_known_noise()
+
+    def recipe() -> None:
+        from . import train
+
+        train.main(*train.parse(argv, default_config=default_config))
+
+    return exit_status_of(recipe)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Dataclass configs. Every field is a `TrlParser` flag and a YAML key; validation lives in `__post_init__`."""
 
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trl
 
@@ -94,6 +97,14 @@ class DPOConfig(trl.DPOConfig):
     )
 
     def __post_init__(self):
+        # `not x > 0` rather than `x <= 0`: NaN fails every comparison, so this refuses it too.
+        if not self.beta > 0:
+            raise ValueError(f"`beta` must be > 0, got {self.beta}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"`padding_side` must be 'right' or 'left', got {self.padding_side!r}.")
         if self.displacement_margin < 0:
@@ -108,6 +119,26 @@ class DPOConfig(trl.DPOConfig):
         if self.ref_cache and self.sync_ref_model:
             raise ValueError("`ref_cache` needs a fixed reference, but `sync_ref_model=True` updates it.")
         super().__post_init__()
+        check_output_dir(self.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """
+    Raise a `ValueError` naming `output_dir` unless it is a directory this process can write, or one it can create:
+    checked on the nearest existing ancestor, so that constructing a config creates nothing, and a run that cannot
+    save is refused before it computes anything.
+    """
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`output_dir` {path} is a file, not a directory: name a directory (created if missing).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"`output_dir` {path} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"{existing}, where it would be created"
+        raise ValueError(f"`output_dir` {path} is not writable: no permission to write in {where}.")
 
 
 @dataclass
@@ -201,13 +232,21 @@ class RecipeArguments:
         },
     )
 
+    def __post_init__(self):
+        if self.heldout_pairs < 0:
+            raise ValueError(f"`heldout_pairs` must be >= 0 (0 skips the measurement), got {self.heldout_pairs}.")
+
 
 def device_defaults() -> dict[str, bool]:
     """
     Parser defaults for the machine at hand. TRL defaults to `bf16=True, gradient_checkpointing=True`, right on a GPU;
-    without CUDA both make a step several times slower for no memory that matters, so they default to off there. A
-    value in the YAML config or on the command line still wins.
+    without CUDA both make a step several times slower for no memory that matters, so they default to off there, and
+    so does `dataloader_pin_memory` (pinning needs an accelerator; torch warns on every dataloader otherwise). A value
+    in the YAML config or on the command line still wins.
     """
     import torch
 
-    return {} if torch.cuda.is_available() else {"bf16": False, "gradient_checkpointing": False}
+    return {} if torch.cuda.is_available() else dict(CPU_DEFAULTS)
+
+
+CPU_DEFAULTS = {"bf16": False, "gradient_checkpointing": False, "dataloader_pin_memory": False}

@@ -34,21 +34,28 @@ def load_preference_dataset(name_or_path: str | None, config: str | None = None)
     """
     Load a preference dataset: the bundled toy set when `name_or_path` is None, a local JSONL/JSON/parquet/CSV file
     (or a directory saved by `datasets`), else a Hub dataset. A single local file becomes one `train` split.
+
+    A local file that cannot be read raises a `ValueError` naming the file and, where there is one, the line: an
+    empty file, a line that is not UTF-8 (checked before parsing: pyarrow would keep the bytes and fail, without a
+    line, when the row is read) or, in JSON Lines, a line that is not one JSON object.
     """
     if name_or_path is None:
         return bundled_preference_dataset()
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         builder = _LOCAL_BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"Unsupported data file {path}: expected one of {sorted(_LOCAL_BUILDERS)}")
+        problem = _file_problem(path)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
         try:
             data = load_dataset(builder, data_files={"train": str(path)})
         except Exception as error:
-            # pyarrow's JSON parse errors reach the user wrapped in a `DatasetGenerationError` that names no line.
+            # pyarrow's parse errors reach the user wrapped in a `DatasetGenerationError` that names no line.
             problem = _jsonl_problem(path) if path.suffix == ".jsonl" else None
             if problem is None:
-                raise
+                raise ValueError(f"{path}: cannot be read as {builder.upper()}: {_root_cause(error)}") from error
             raise ValueError(f"{path}: {problem}") from error
         if path.suffix == ".jsonl":
             data["train"] = _json_columns_as_written(data["train"], path)
@@ -57,7 +64,35 @@ def load_preference_dataset(name_or_path: str | None, config: str | None = None)
         from datasets import load_from_disk
 
         return load_from_disk(str(path))
+    if path.suffix in _LOCAL_BUILDERS and not path.exists():
+        # A name ending in .jsonl/.csv/... is a file, not a Hub id: say so rather than report a failed Hub lookup.
+        raise ValueError(f"{path}: no such data file.")
     return load_dataset(name_or_path, name=config)
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why `path` cannot hold preference rows before any parser reads it (no bytes, a line not UTF-8), or None."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)."
+    if path.suffix == ".parquet":  # binary: its strings are checked by pyarrow
+        return None
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (
+                    f"line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at byte {error.start + 1} of the "
+                    "line); save the file as UTF-8."
+                )
+    return None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The message of the innermost exception `error` was raised from: the parser's, not the wrapper's."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return str(error) or type(error).__name__
 
 
 def bundled_preference_dataset() -> DatasetDict:
@@ -120,18 +155,23 @@ def _jsonl_problem(path: Path) -> str | None:
                 return problem
         return None
 
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return f"line {number}: not UTF-8 text"
+    rows = 0
+    with path.open(encoding="utf-8") as lines:  # UTF-8 already checked by `_file_problem`
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
+            rows += 1
             try:
                 row = json.loads(line, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as error:
-                return f"line {number}: invalid JSON ({error.msg} at character {error.colno})"
+                # Some of json's messages end in "at", expecting the position after them ("... starting at").
+                truncated = (
+                    " (the last line has no newline: is the file truncated?)" if not line.endswith("\n") else ""
+                )
+                return (
+                    f"line {number}: invalid JSON at character {error.colno}: {error.msg.removesuffix(' at')}"
+                    f"{truncated}"
+                )
             except ValueError as error:
                 return f"line {number}: {error}"
             if not isinstance(row, dict):
@@ -139,6 +179,8 @@ def _jsonl_problem(path: Path) -> str | None:
             problem = next(filter(None, (bad_value(value, f"column {key!r}") for key, value in row.items())), None)
             if problem:
                 return f"line {number}: {problem}"
+    if rows == 0:
+        return "no rows: every line is blank."
     return None
 
 

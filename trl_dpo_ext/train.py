@@ -6,37 +6,86 @@ another); every `ScriptArguments`, `DPOConfig`, `QLoRAModelConfig` and `RecipeAr
 it.
 """
 
+import contextlib
 import gc
 import os
 import sys
+from argparse import ArgumentParser
 from pathlib import Path
 
 from accelerate import PartialState
 from datasets import DatasetDict
-from transformers import AutoTokenizer, set_seed
+from transformers import AutoTokenizer, TrainerCallback, set_seed
 from trl import ScriptArguments, TrlParser, get_peft_config
 
-from .config import DPOConfig, QLoRAModelConfig, RecipeArguments, device_defaults
-from .data import load_preference_dataset, to_conversational
+from .atomic import apply_umask_permissions
+from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, RecipeArguments, device_defaults
+from .data import load_preference_dataset, to_conversational, validate_preference_dataset
 from .defaults import default_model_path
+from .errors import UserError
 from .models import load_qlora_model
 from .reward import preference_accuracy, reward_margins
+from .runlock import RunLock
 from .trainer import DPOTrainer
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "dpo_qlora.yaml"
 
 
+# `dpo --help` sections, in this order: where each flag's dataclass field is declared.
+FLAG_GROUPS = {
+    "trl_dpo_ext": ("trl_dpo_ext settings", "This package: the recipe, the trainer's additions to TRL, QLoRA."),
+    "trl": ("TRL settings", "trl.ScriptArguments (data), trl.DPOConfig (DPO) and trl.ModelConfig (model, LoRA)."),
+    "transformers": ("transformers settings", "transformers.TrainingArguments: optimizer, schedule, saving, logging."),
+}
+
+
+class UmaskPermissions(TrainerCallback):
+    """After each checkpoint save, give the run's files the umask's permissions (see `apply_umask_permissions`)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            apply_umask_permissions(args.output_dir)
+
+
 def make_parser(prog: str | None = None) -> TrlParser:
-    """The recipe's parser: its four dataclasses, with bf16/gradient checkpointing off by default without CUDA."""
+    """
+    The recipe's parser: its four dataclasses, with bf16/gradient checkpointing off by default without CUDA, and the
+    flags grouped in `--help` by the package that declares them (ours, TRL's, transformers').
+    """
+    dataclasses = (ScriptArguments, DPOConfig, QLoRAModelConfig, RecipeArguments)
     parser = TrlParser(
-        (ScriptArguments, DPOConfig, QLoRAModelConfig, RecipeArguments),
+        dataclasses,
         prog=prog,
+        usage="%(prog)s [--config FILE] [FLAGS]",
         epilog="--config FILE reads these settings from a YAML file (default: the recipe's dpo_qlora.yaml); flags "
         "override it.",
     )
     parser.set_defaults(**device_defaults())
+    for action in parser._actions:
+        if action.dest in CPU_DEFAULTS:
+            # The default depends on the machine; `%(default).0s` prints nothing but keeps argparse from appending
+            # this machine's value, so the help reads the same everywhere.
+            action.help = f"{action.help} (default: off without CUDA, else as TRL/transformers set it)%(default).0s"
+    _group_flags(parser, dataclasses)
     return parser
+
+
+def _group_flags(parser: ArgumentParser, dataclasses: tuple[type, ...]) -> None:
+    """Move each flag into the `FLAG_GROUPS` section of the package whose class declares its field."""
+    owner = {}
+    for dataclass in dataclasses:
+        for name in dataclass.__dataclass_fields__:
+            declaring = next(cls for cls in dataclass.__mro__ if name in cls.__dict__.get("__annotations__", {}))
+            owner[name] = declaring.__module__.split(".")[0]
+    groups = {package: parser.add_argument_group(*texts) for package, texts in FLAG_GROUPS.items()}
+    for group in list(parser._action_groups):
+        if group in groups.values():
+            continue
+        for action in list(group._group_actions):
+            if owner.get(action.dest) in groups:
+                group._group_actions.remove(action)
+                groups[owner[action.dest]]._group_actions.append(action)
 
 
 def parse(argv: list[str] | None = None, default_config: str | Path = DEFAULT_CONFIG, prog: str | None = None):
@@ -69,25 +118,43 @@ def main(
     if state.num_processes != launched:
         # Why: N launched processes that each train alone are N unrelated runs sharing one output directory, with no
         # error. It happens without CUDA when use_cpu is off: accelerate's config-file use_cpu does not reach them.
-        raise RuntimeError(
+        raise UserError(
             f"The launcher started {launched} processes, but this one trains in a world of {state.num_processes}. "
             "Without CUDA, pass --use_cpu true to the recipe."
         )
+    # One lock per launch, taken by the main process: the other ranks are the same run, writing into the same
+    # checkpoints. A refused main process exits with the error, and the launcher stops the other ranks.
+    with RunLock(training_args.output_dir) if state.is_main_process else contextlib.nullcontext():
+        return _train(state, script_args, training_args, model_args, recipe_args)
+
+
+def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
     # Seed before the LoRA init (the Trainer seeds only later), so two runs with one seed start from one adapter.
     set_seed(training_args.seed)
+    # The data first: a bad file or row is reported in seconds, before any model is built or loaded.
+    dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config)
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"`dataset_train_split` {script_args.dataset_train_split!r}: the dataset has no such split; its splits "
+            f"are {list(dataset)}."
+        )
+    validate_preference_dataset(dataset[script_args.dataset_train_split], script_args.dataset_train_split)
+    measure_heldout = recipe_args.heldout_pairs and script_args.dataset_test_split in dataset
+    if measure_heldout:
+        validate_preference_dataset(dataset[script_args.dataset_test_split], script_args.dataset_test_split)
+
     # No model named: build (once) the tiny local default instead of reaching for the Hub.
     with state.main_process_first():
         model_path = model_args.model_name_or_path or str(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
-    dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config)
     if recipe_args.dataset_format == "chat":
         if tokenizer.chat_template is None:
             raise ValueError(f"--dataset_format chat needs a tokenizer with a chat template; {model_path} has none.")
         dataset = DatasetDict({split: to_conversational(rows, split) for split, rows in dataset.items()})
     heldout = None
-    if recipe_args.heldout_pairs and script_args.dataset_test_split in dataset:
+    if measure_heldout:
         test = dataset[script_args.dataset_test_split]
         heldout = test.select(range(min(recipe_args.heldout_pairs, len(test))))
 
@@ -108,6 +175,7 @@ def main(
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=heldout if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
+        callbacks=[UmaskPermissions()],
     )
 
     processes = trainer.accelerator.num_processes
@@ -127,6 +195,8 @@ def main(
         # Why: under FSDP, Trainer.save_model writes weights only with FULL_STATE_DICT; checkpoints stay sharded.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir, dataset_name=hub_dataset)
+    if trainer.is_world_process_zero():
+        apply_umask_permissions(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=hub_dataset)
 
