@@ -8,6 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from cpu_settings import CPU_ARGS  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
@@ -70,19 +71,7 @@ def dpo_args(tmp_path):
     """CPU settings shared by stock TRL and ours: fp32, no checkpointing, no reporting, no checkpoints."""
 
     def make(**overrides) -> DPOConfig:
-        kwargs = dict(
-            output_dir=str(tmp_path / "out"),
-            bf16=False,
-            gradient_checkpointing=False,
-            per_device_train_batch_size=2,
-            max_steps=3,
-            logging_steps=1,
-            learning_rate=1e-2,
-            report_to="none",
-            save_strategy="no",
-            seed=0,
-            disable_tqdm=True,
-        )
+        kwargs = dict(output_dir=str(tmp_path / "out"), **CPU_ARGS)
         kwargs.update(overrides)
         return DPOConfig(**kwargs)
 

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 import trl
+from cpu_settings import CPU_ARGS
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -28,18 +29,7 @@ from trl_dpo_ext.reference import ADAPTERS_OFF, REF_MODEL
 
 
 IMPLS = {"stock": (trl.DPOTrainer, trl.DPOConfig), "ours": (DPOTrainer, DPOConfig)}
-CPU = dict(
-    bf16=False,
-    gradient_checkpointing=False,
-    per_device_train_batch_size=2,
-    max_steps=2,
-    logging_steps=1,
-    learning_rate=1e-2,
-    report_to="none",
-    save_strategy="no",
-    seed=0,
-    disable_tqdm=True,
-)
+CPU = {**CPU_ARGS, "max_steps": 2}
 
 
 def zen(config: str = "standard_preference", split: str = "train") -> Dataset:

@@ -98,12 +98,14 @@ def test_bf16_merge(run, adapter_logits, tmp_path):
     assert (logits - adapter_logits).abs().max().item() < BF16_TOLERANCE
 
 
-def test_refuses_a_non_empty_out_unless_overwrite(run, tmp_path):
+def test_refuses_a_non_empty_out_unless_overwrite(run, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    assert cli(["merge", "--adapter", str(run.output_dir), "--out", str(out)]) == 2  # a user error: one line
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="is not empty; pass --overwrite"):
-        cli(["merge", "--adapter", str(run.output_dir), "--out", str(out)])
+        cli(["--debug", "merge", "--adapter", str(run.output_dir), "--out", str(out)])
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="is the adapter directory"):
         merge_adapter(run.output_dir, run.output_dir, overwrite=True)

@@ -87,6 +87,15 @@ def test_transformers_config_attribute(tiny_dir, name):
     assert hasattr(config, name), name
 
 
+def test_argparse_internals_used_to_group_help():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flag")
+    group = parser._action_groups[-1]
+    assert [a.dest for a in parser._actions] == ["help", "flag"] and "flag" in [a.dest for a in group._group_actions]
+
+
 def test_every_private_name_the_package_uses_is_listed():
     """Scan the package: an underscore attribute or `getattr` name it does not define itself must be listed."""
     package = Path(trl_dpo_ext.__file__).parent

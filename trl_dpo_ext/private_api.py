@@ -54,8 +54,11 @@ TRANSFORMERS_CONFIG_ATTRIBUTES = ("_attn_implementation",)
 # mode (`models.keep_fp32_cpu_kernels` turns it off for fp32 compute).
 BITSANDBYTES_ATTRIBUTES = ("support_avx512bf16_for_cpu",)
 
+# argparse (standard library) internals the recipe's parser reads to group `--help` by package (`train.py`).
+ARGPARSE_ATTRIBUTES = ("_actions", "_action_groups", "_group_actions")
+
 # Every underscore name above: what the package-wide scan accepts.
 PRIVATE_NAMES = frozenset(
     {name for name in (*TRL_HOOKS, *TRL_ATTRIBUTES, *TRANSFORMERS_TRAINER_METHODS) if name.startswith("_")}
-    | {"_internal_call", *TRANSFORMERS_TRAINER_ATTRIBUTES, *TRANSFORMERS_CONFIG_ATTRIBUTES}
+    | {"_internal_call", *TRANSFORMERS_TRAINER_ATTRIBUTES, *TRANSFORMERS_CONFIG_ATTRIBUTES, *ARGPARSE_ATTRIBUTES}
 )
