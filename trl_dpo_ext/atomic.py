@@ -81,8 +81,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield staging
-        staging.chmod(0o777 & ~current_umask())
-        apply_umask_permissions(staging)
+        apply_umask_permissions(staging)  # the staging directory itself included
         old = None
         if replace and path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))

@@ -223,16 +223,15 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
 def _check_implicit_prompt(chosen, rejected, conversational: bool, name: str, row: int) -> None:
     """The shared prompt TRL extracts (`trl.extract_prompt`) must be there, and each answer after it must be too."""
     extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
-    empty = _blank_messages(extracted["prompt"]) if conversational else is_blank(extracted["prompt"])
-    if not extracted["prompt"] or empty:
+    blank = _blank_messages if conversational else is_blank  # both hold for an empty prompt too
+    if blank(extracted["prompt"]):
         shared = "first message" if conversational else "first character"
         raise ValueError(
             f"{name} dataset: row {row}: 'chosen' and 'rejected' differ from their {shared}, so the implicit prompt "
             "(what they share at the start) is empty; add a 'prompt' column or the shared prompt."
         )
     for column in ("chosen", "rejected"):
-        answer = extracted[column]
-        if _blank_messages(answer) if conversational else is_blank(answer):
+        if blank(extracted[column]):
             shared = "shared prompt messages" if conversational else "shared prompt"
             raise ValueError(
                 f"{name} dataset: column {column!r}, row {row}: the answer after the {shared} has only empty or "

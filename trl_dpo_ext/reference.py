@@ -117,22 +117,16 @@ class Reference:
             return completion_token_logps(module, batch)
 
 
-def drop_identity_copy(policy: torch.nn.Module) -> bool:
+def drop_identity_copy(policy: torch.nn.Module) -> None:
     """
     Delete TRL's frozen copy of the adapter when the adapter is fresh (every LoRA B is zero): that copy computes the
     bare base, which adapters-off computes too without its memory. A pretrained (SFT) adapter keeps its copy, frozen.
-
-    Returns:
-        `bool`: whether the copy was deleted.
     """
     model = extract_model_from_parallel(policy)
-    dropped = False
     if REFERENCE_ADAPTER in model.peft_config and is_identity_adapter(model, "default"):
         model.delete_adapter(REFERENCE_ADAPTER)
         model.set_adapter("default")
-        dropped = True
     marker = f".{REFERENCE_ADAPTER}."
     for name, param in model.named_parameters():
         if marker in name:
             param.requires_grad_(False)
-    return dropped

@@ -15,10 +15,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 from datasets import DatasetDict
-from transformers import AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoTokenizer, set_seed
 from trl import ScriptArguments, TrlParser, get_peft_config
 
-from .atomic import apply_umask_permissions
 from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, RecipeArguments, device_defaults
 from .data import load_preference_dataset, to_conversational, validate_preference_dataset
 from .defaults import default_model_path
@@ -39,14 +38,6 @@ FLAG_GROUPS = {
     "trl": ("TRL settings", "trl.ScriptArguments (data), trl.DPOConfig (DPO) and trl.ModelConfig (model, LoRA)."),
     "transformers": ("transformers settings", "transformers.TrainingArguments: optimizer, schedule, saving, logging."),
 }
-
-
-class UmaskPermissions(TrainerCallback):
-    """After each checkpoint save, give the run's files the umask's permissions (see `apply_umask_permissions`)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            apply_umask_permissions(args.output_dir)
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -177,7 +168,6 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=heldout if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=[UmaskPermissions()],
     )
 
     processes = trainer.accelerator.num_processes
@@ -197,8 +187,6 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         # Why: under FSDP, Trainer.save_model writes weights only with FULL_STATE_DICT; checkpoints stay sharded.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir, dataset_name=hub_dataset)
-    if trainer.is_world_process_zero():
-        apply_umask_permissions(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=hub_dataset)
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl.trainer.utils import get_config_model_id
 
+from .atomic import apply_umask_permissions
 from .checkpoints import resolve_resume
 from .collator import INDEX_COLUMN, PreferenceCollator
 from .config import DPOConfig
@@ -58,8 +59,8 @@ from .reference import Reference, drop_identity_copy
 
 logger = logging.getLogger(__name__)
 
-# What TRL's own `_compute_loss` reads from a batch besides the model inputs (plus our cached reference values).
-_STOCK_BATCH_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps"})
+# What TRL's own `_compute_loss` reads from a batch besides the model inputs.
+_STOCK_BATCH_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -198,15 +199,16 @@ class DPOTrainer(trl.DPOTrainer):
         """`dataset` plus per-token reference log-probs as columns: read from the cache, or computed and stored."""
         if not isinstance(dataset, Dataset):
             raise ValueError(f"ref_cache needs a map-style datasets.Dataset; the {name} dataset is {type(dataset)}.")
+        weights, adapter = self.reference.weights(self.model)
         key = cache_key(
-            weights_fingerprint(*self.reference.weights(self.model)),
+            weights_fingerprint(weights, adapter),
             dataset,
             reference=self.reference.label,
             max_length=self.args.max_length,
             truncation_mode=self.args.truncation_mode,
             share_prompt=self.share_prompt,
             packing=self.packing,
-            attention=base_model(self.reference.weights(self.model)[0]).config._attn_implementation,
+            attention=base_model(weights).config._attn_implementation,
         )
         path = cache_path(self.args.ref_cache_dir or cache_dir() / "ref_logps", key)
         # The main process computes and writes; the others then read the same file.
@@ -330,11 +332,11 @@ class DPOTrainer(trl.DPOTrainer):
     def _stock_compute_loss(self, model, inputs, return_outputs):
         """TRL's `_compute_loss` on a plain-layout batch: only model inputs and the keys TRL reads reach it, and cached
         reference log-probs stand in for TRL's reference forward (as its own precomputed ones would)."""
+        cached = "ref_token_logps" in inputs and "ref_chosen_logps" not in inputs
+        sums = self.reference.token_logps(model, inputs).sequence_logps() if cached else None
         inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS or k in _STOCK_BATCH_KEYS}
-        if "ref_token_logps" not in inputs or "ref_chosen_logps" in inputs:
+        if not cached:
             return super()._compute_loss(model, inputs, return_outputs)
-        sums = self.reference.token_logps(model, inputs).sequence_logps()
-        inputs = {k: v for k, v in inputs.items() if k != "ref_token_logps"}
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = sums.chunk(2)
         # TRL reads the batch's reference values when `precompute_ref_logps` is set, as for its own precompute.
         stock_flag, self.precompute_ref_logps = self.precompute_ref_logps, True
@@ -380,6 +382,10 @@ class DPOTrainer(trl.DPOTrainer):
         """
         super().save_model(output_dir, _internal_call)
         save_model_files(self, output_dir or self.args.output_dir, final=not _internal_call, dataset_name=dataset_name)
+        if self.is_world_process_zero():
+            # Why: safetensors writes weights through a private (0600) temp file, whatever the umask; a checkpoint's
+            # save comes through here too.
+            apply_umask_permissions(output_dir or self.args.output_dir)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         """TRL's model card in `args.output_dir`, extended by [`trl_dpo_ext.model_card.extend_model_card`]."""
