@@ -41,6 +41,12 @@ class DPOConfig(trl.DPOConfig):
             An optimizer step whose loss or gradients are not finite is skipped (counted in `nonfinite/skipped_steps`
             and warned about); after this many skipped steps in a row, training stops with an error naming the step
             and the example indices.
+        adapter_dtype (`str`, *optional*, defaults to `"float32"`):
+            Dtype of the trainable adapter weights (the optimizer's master copy) on a 4-bit base. TRL casts them to
+            `bfloat16`, where most AdamW updates at DPO's learning rates (5e-7 to 5e-6) are below half an ulp of the
+            weight and are rounded away; `float32` keeps them. The forward still runs in the 4-bit compute dtype (and
+            under autocast with `bf16=True`). `"bfloat16"` restores TRL's cast. No effect on a base that is not
+            quantized (TRL casts nothing there).
     """
 
     padding_side: str = field(
@@ -96,6 +102,15 @@ class DPOConfig(trl.DPOConfig):
         },
     )
 
+    adapter_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of the trainable adapter weights on a 4-bit base. float32 keeps AdamW's small updates at "
+            "DPO learning rates, which TRL's bfloat16 cast rounds away; bfloat16 restores TRL's cast.",
+            "choices": ["float32", "bfloat16"],
+        },
+    )
+
     def __post_init__(self):
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison, so this refuses it too.
         if not self.beta > 0:
@@ -107,6 +122,8 @@ class DPOConfig(trl.DPOConfig):
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"`padding_side` must be 'right' or 'left', got {self.padding_side!r}.")
+        if self.adapter_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"`adapter_dtype` must be 'float32' or 'bfloat16', got {self.adapter_dtype!r}.")
         if self.displacement_margin < 0:
             raise ValueError(f"`displacement_margin` must be >= 0, got {self.displacement_margin}.")
         if self.max_consecutive_nonfinite < 1:

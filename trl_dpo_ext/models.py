@@ -143,6 +143,22 @@ def keep_fp32_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def upcast_adapter_weights(model: torch.nn.Module) -> int:
+    """
+    Cast the trainable bf16/fp16 weights of a 4-bit `model` back to fp32 (what peft creates them in), so that the
+    optimizer keeps fp32 master weights; returns how many tensors were cast. A model that is not quantized is left
+    alone: there, a low-precision adapter is the caller's choice, not TRL's cast.
+    """
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return 0
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
 def _default_device() -> str | int:
     if torch.cuda.is_available():
         from accelerate import PartialState
