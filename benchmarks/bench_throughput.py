@@ -1,6 +1,7 @@
 """Steps/s, tokens/s and peak memory of `trl_dpo_ext.DPOTrainer` against stock `trl.DPOTrainer`.
 
     python benchmarks/bench_throughput.py                 # CPU: three workloads, alternating runs, 2 cores
+    python benchmarks/bench_throughput.py --model smollm2 # CPU: the real SmolLM2-135M-Instruct on its chat pairs
     python benchmarks/bench_throughput.py --device cuda   # GPU: 8B- and 1.5B-shaped QLoRA models
 
 Both trainers get the same 4-bit NF4 base (random weights built from a config: speed and memory do not depend on the
@@ -9,7 +10,12 @@ checkpointing, batch size, max length); the only differences are the trainer cla
 Workloads, each a pair of prompt / answer lengths (±25 % per row, so batches have padding as real data does):
 
 - (a) prompt-heavy: prompt ≈ 4 × answer;  (b) balanced: prompt ≈ answer;
-- (c) = (a) with a warm reference cache (`ref_cache=True`, cache built beforehand, untimed).
+- (c) = (a) with a warm reference cache (`ref_cache=True`, cache built beforehand, untimed);
+- `--model smollm2`: (s) SmolLM2-135M-Instruct's real weights (49k vocabulary, 30 layers, tied head) on the bundled
+  `smollm2-concise` chat pairs (system + question ≈ 40 tokens, answers ≈ 60), and (t) = (s) with a warm cache.
+
+The adapter weights are bf16 in both trainers here (ours with `adapter_dtype="bfloat16"`, TRL's cast), so the two
+run the same config; what fp32 masters cost is measured by `benchmarks/adapter_dtype.py`.
 
 Runs alternate stock / ours within each repeat; the table gives medians over repeats and the median of the per-repeat
 ratios. On the CPU every run is its own process so that its peak RSS is its own. Tokens/s counts the same tokens for
@@ -32,7 +38,13 @@ import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
-WORKLOADS = {"a": ("prompt-heavy", 4.0), "b": ("balanced", 1.0), "c": ("prompt-heavy, warm ref cache", 4.0)}
+WORKLOADS = {
+    "a": ("prompt-heavy", 4.0),
+    "b": ("balanced", 1.0),
+    "c": ("prompt-heavy, warm ref cache", 4.0),
+    "s": ("real chat pairs", None),
+    "t": ("real chat pairs, warm ref cache", None),
+}
 # Small enough for 2 CPU cores, with a realistic 32k-vocabulary LM head and enough layers that the body, not the head,
 # holds most of the compute (as in real models: ~93 % body for Llama-3-8B).
 CPU_MODEL = dict(
@@ -135,7 +147,9 @@ def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settin
     config_class, trainer_class = (
         (trl_dpo_ext.DPOConfig, trl_dpo_ext.DPOTrainer) if ours else (trl.DPOConfig, trl.DPOTrainer)
     )
-    flags = dict(share_prompt=True, packing=settings["packing"], ref_cache=workload == "c") if ours else {}
+    warm = workload in ("c", "t")
+    flags = dict(share_prompt=True, packing=settings["packing"], ref_cache=warm, adapter_dtype="bfloat16")
+    flags = flags if ours else {}
     args = config_class(
         output_dir=tempfile.mkdtemp(prefix="bench-"),
         per_device_train_batch_size=settings["batch_size"],
@@ -212,21 +226,31 @@ def prepare_cpu(args) -> None:
 def cpu_worker(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_dpo_ext.models import nf4_config
+    from trl_dpo_ext.models import keep_fp32_cpu_kernels, nf4_config
 
-    model_dir = args.workdir / "model"
+    rows_needed = args.batch_size * (args.warmup + args.steps)
+    if args.model == "smollm2":
+        from trl_dpo_ext.data import bundled_preference_dataset
+        from trl_dpo_ext.pretrained import smollm2_path
+
+        model_dir = smollm2_path()
+        train = bundled_preference_dataset("smollm2-concise")["train"].select_columns(["prompt", "chosen", "rejected"])
+        rows = [train[i % len(train)] for i in range(rows_needed)]
+        settings = run_settings(args, 256, cuda=False)  # the longest pair is ~180 tokens: nothing is truncated
+    else:
+        model_dir = args.workdir / "model"
+        prompt_share = WORKLOADS[args.workload][1]
+        rows = preference_rows(rows_needed, args.sequence_length, prompt_share, CPU_MODEL["vocab_size"], seed=1)
+        # max_length leaves room for the +25 % rows: nothing is truncated.
+        settings = run_settings(args, args.sequence_length + args.sequence_length // 2, cuda=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(torch.float32))
-    prompt_share = WORKLOADS[args.workload][1]
-    rows_needed = args.batch_size * (args.warmup + args.steps)
-    rows = preference_rows(rows_needed, args.sequence_length, prompt_share, CPU_MODEL["vocab_size"], seed=1)
-    # max_length leaves room for the +25 % rows: nothing is truncated.
-    settings = run_settings(args, args.sequence_length + args.sequence_length // 2, cuda=False)
+    keep_fp32_cpu_kernels(base)  # both trainers on the fp32 4-bit path (stock TRL would not set it)
     print("RESULT " + json.dumps(run_once(args.impl, args.workload, base, tokenizer, rows, settings)))
 
 
 def spawn(args, impl: str, workload: str) -> dict:
-    command = [sys.executable, __file__, "--worker", "--impl", impl, "--workload", workload]
+    command = [sys.executable, __file__, "--worker", "--impl", impl, "--workload", workload, "--model", args.model]
     for name in ("workdir", "batch_size", "sequence_length", "warmup", "steps"):
         command += [f"--{name}", str(getattr(args, name))]
     command += ["--packing"] if args.packing else []
@@ -239,17 +263,21 @@ def spawn(args, impl: str, workload: str) -> dict:
 
 
 def run_cpu(args) -> list[dict]:
-    prepare_cpu(args)
-    # Untimed: build the reference cache for (c) (same rows, model and flags as the timed runs of (c)).
-    spawn(args, "ours", "c")
+    real = args.model == "smollm2"
+    if not real:
+        prepare_cpu(args)
+    cold, warm = ("s", "t") if real else ("a", "c")
+    # Untimed: build the reference cache for the warm workload (same rows, model and flags as its timed runs).
+    spawn(args, "ours", warm)
+    runs = [("stock", cold), ("ours", cold), ("ours", warm)] + ([] if real else [("stock", "b"), ("ours", "b")])
     results = []
     for repeat in range(args.repeats):
-        for impl, workload in (("stock", "a"), ("ours", "a"), ("ours", "c"), ("stock", "b"), ("ours", "b")):
-            result = spawn(args, impl, workload) | {"repeat": repeat}
+        for impl, workload in runs:
+            result = spawn(args, impl, workload) | {"repeat": repeat, "shape": args.model}
             results.append(result)
             print(json.dumps(result), flush=True)
-    # (c) is compared with the stock runs of (a): stock has no cache, so its (a) and (c) configs are the same.
-    results += [r | {"workload": "c"} for r in results if r["impl"] == "stock" and r["workload"] == "a"]
+    # The warm workload is compared with stock's cold runs: stock has no cache, so its two configs are the same.
+    results += [r | {"workload": warm} for r in results if r["impl"] == "stock" and r["workload"] == cold]
     return results
 
 
@@ -374,6 +402,13 @@ def table(results: list[dict], memory_key: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--model",
+        choices=["tiny-32k", "smollm2"],
+        default="tiny-32k",
+        help="CPU: the random 32k-vocabulary model "
+        "on synthetic rows, or the real SmolLM2-135M-Instruct on its bundled chat pairs",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=None, help="default: 4 on CPU, 2 on GPU")
     parser.add_argument("--sequence_length", type=int, default=100, help="CPU: mean prompt + answer tokens")
@@ -416,7 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     print(header + "\n\n" + report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = "fit_cuda" if args.fit else f"throughput_{args.device}"
+        name = (
+            "fit_cuda" if args.fit else f"throughput_{args.device}" + ("_smollm2" if args.model == "smollm2" else "")
+        )
         (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
         (args.out / f"{name}.md").write_text(header + "\n\n" + report + "\n")
 

@@ -1,7 +1,7 @@
 """One short run of the default recipe, shared by the ecosystem tests (CLI, export, logging, model card, rewards).
 
 Training is the slow part of those tests, so it happens once per session: `trained_run(tmp_path_factory)` runs
-`trl_dpo_ext.train` in-process on the embedded default (tiny model built in a temporary cache, bundled toy set),
+`trl_dpo_ext.train` in-process with `--config tiny` (tiny model built in a temporary cache, bundled toy set),
 with TensorBoard logging on, and returns what the recipe printed and returned.
 """
 
@@ -32,7 +32,7 @@ def trained_run(tmp_path_factory) -> RecipeRun:
     if _RUN is None:
         root = tmp_path_factory.mktemp("recipe_run")
         argv = [
-            "--output_dir", str(root / "run"), "--max_steps", "4", "--logging_steps", "2",
+            "--config", "tiny", "--output_dir", str(root / "run"), "--max_steps", "4", "--logging_steps", "2",
             "--heldout_pairs", str(HELDOUT_PAIRS), "--report_to", "tensorboard", "--save_strategy", "no",
             "--disable_tqdm", "true",
         ]  # fmt: skip

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
+import yaml
 from datasets import Dataset
 from recipe_run import HELDOUT_PAIRS, trained_run
 from transformers import LlamaForSequenceClassification
@@ -57,18 +58,26 @@ def test_dpo_runs_the_recipe_with_the_packaged_config(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(train, "main", lambda *args: calls.append(args))
     assert cli.main(["dpo", "--beta", "0.25", "--output_dir", str(tmp_path)]) == 0
-    _, training_args, model_args, recipe_args = calls[-1]
+    script_args, training_args, model_args, recipe_args = calls[-1]
     assert (training_args.beta, training_args.output_dir) == (0.25, str(tmp_path))  # flags
-    assert (training_args.learning_rate, model_args.lora_r, recipe_args.dataset_format) == (5e-3, 16, "as_is")  # YAML
+    packaged = yaml.safe_load(train.DEFAULT_CONFIG.read_text())
+    assert (training_args.learning_rate, model_args.lora_r) == (packaged["learning_rate"], packaged["lora_r"])  # YAML
+    assert (model_args.model_name_or_path, script_args.dataset_name) == ("smollm2-135m-instruct", "smollm2-concise")
+    cli.main(["dpo", "--config", "tiny", "--output_dir", str(tmp_path)])  # a packaged config by name
+    tiny = yaml.safe_load((train.CONFIGS / "dpo_qlora_tiny.yaml").read_text())
+    assert calls[-1][1].learning_rate == tiny["learning_rate"] and calls[-1][2].model_name_or_path is None
     config = tmp_path / "mine.yaml"
     config.write_text("beta: 0.3\nlearning_rate: 1.0e-4\n")
     cli.main(["dpo", "--config", str(config), "--output_dir", str(tmp_path)])
     assert (calls[-1][1].beta, calls[-1][1].learning_rate) == (0.3, 1e-4)
 
 
-def test_packaged_config_is_the_recipe_config():
+def test_packaged_configs_are_the_recipe_configs():
     """`trl-dpo-ext dpo` must train like `recipes/dpo_qlora.py`: edit both files together (`cp` one onto the other)."""
-    assert train.DEFAULT_CONFIG.read_text() == (ROOT / "recipes" / "configs" / "dpo_qlora.yaml").read_text()
+    recipes = sorted(p.name for p in (ROOT / "recipes" / "configs").glob("*.yaml"))
+    assert recipes == sorted(p.name for p in train.CONFIGS.glob("*.yaml")) == ["dpo_qlora.yaml", "dpo_qlora_tiny.yaml"]
+    for name in recipes:
+        assert (train.CONFIGS / name).read_text() == (ROOT / "recipes" / "configs" / name).read_text(), name
 
 
 def test_env_reports_versions_and_cuda(capsys):

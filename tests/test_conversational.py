@@ -96,7 +96,8 @@ def test_the_recipe_flag_makes_the_bundled_set_conversational(model, tokenizer, 
 def test_the_chat_flag_needs_a_chat_template(tiny_dir, tmp_path):
     plain = tmp_path / "no_template"
     shutil.copytree(tiny_dir, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
-    argv = ["--model_name_or_path", str(plain), "--dataset_format", "chat", "--output_dir", str(tmp_path / "out")]
+    argv = ["--config", "tiny", "--model_name_or_path", str(plain), "--dataset_format", "chat"]
+    argv += ["--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match="--dataset_format chat needs a tokenizer with a chat template"):
         train.main(*train.parse(argv))
 

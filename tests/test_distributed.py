@@ -40,7 +40,7 @@ BATCH = 2  # per process in the 2-process run; the single process takes 2 * BATC
 STEPS = 2
 TIMEOUT_S = 300  # a run takes ~25 s on 2 cores; the known exit hang (docs/distributed.md) never ends
 FLAGS = [
-    "--use_cpu", "true", "--max_steps", str(STEPS), "--logging_steps", "1", "--warmup_steps", "0",
+    "--config", "tiny", "--use_cpu", "true", "--max_steps", str(STEPS), "--logging_steps", "1", "--warmup_steps", "0",
     "--heldout_pairs", "0", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "42",
     # SGD: an update linear in the gradient, so step 2 checks DDP's gradient averaging to 1e-5. With the recipe's AdamW
     # the first update is about lr * sign(gradient), and gradient entries near zero, whose bf16 rounding differs

@@ -226,3 +226,34 @@ def test_ppo_script_runs_as_dpo_with_only_the_import_changed(tmp_path, tiny_dir,
     # The DPO trainer chose the layout (no collator of the PPO script's): the saved layout is the one that ran.
     saved = json.loads((out / "dpo_config.json").read_text())
     assert saved["collator"]["share_prompt"] is True and saved["dpo_config"]["share_prompt"] is True
+
+
+def test_num_rounds_runs_iterative_dpo_with_the_ppo_scripts_models(policy, tiny_dir, tokenizer, reward_dir, tmp_path):
+    """A PPO script's full policy + separate reference + reward model, on-policy: each round samples the policy."""
+    from transformers import AutoModelForSequenceClassification
+
+    args = PPOConfig(
+        output_dir=str(tmp_path / "out"), num_rounds=2, num_completions=3, response_length=8, max_steps=2,
+        per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, stop_token="eos", missing_eos_penalty=1.0,
+        report_to="none", bf16=False, gradient_checkpointing=False, save_strategy="no", save_metrics_plot=False,
+    )  # fmt: skip
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    before = {n: p.clone() for n, p in reference.named_parameters()}
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS * 4]),
+    )
+    summary = trainer.train()
+    assert [row["round"] for row in summary] == [1, 2]
+    for round_ in (1, 2):
+        pairs = load_from_disk(str(tmp_path / "out" / f"round-{round_}" / "pairs"))
+        assert all(c > r for c, r in zip(pairs["score_chosen"], pairs["score_rejected"]))
+        assert (tmp_path / "out" / f"round-{round_}" / "adapter" / "model.safetensors").is_file()
+    assert trainer.dpo_trainer.reference.kind == "ref_model"
+    assert all(torch.equal(p, before[n]) for n, p in reference.named_parameters())  # the reference never trains
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "model.safetensors").is_file()

@@ -29,11 +29,29 @@ def launch(recipe: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProc
     return result
 
 
-def test_recipe_runs_offline_through_accelerate_launch(tmp_path):
+def test_default_recipe_trains_the_real_model_offline(tmp_path):
+    """The default config as a new user runs it (SmolLM2 from the installed GGUF, its own pairs), shortened."""
     out = tmp_path / "run"
     result = launch(
-        "dpo_qlora", tmp_path, "--output_dir", str(out), "--max_steps", "6", "--logging_steps", "2",
-        "--save_steps", "3", "--heldout_pairs", "16",
+        "dpo_qlora", tmp_path, "--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1",
+        "--heldout_pairs", "4", "--heldout_generations", "2", "--generation_max_new_tokens", "8",
+    )  # fmt: skip
+    assert "Held-out reward accuracy (4 pairs): 0.500 before ->" in result.stdout  # π = π_ref at step 0: all ties
+    line = "Held-out replies (2 prompts, greedy, at most 8 new tokens): ended on their own 0.000 before -> 0.000 after"
+    assert line in result.stdout, result.stdout  # 8 tokens: too few for any reply to end
+    assert "  Q: What is a cloud?\n    before: '" in result.stdout and "[cut off]" in result.stdout
+    assert f"Adapter saved to {out}" in result.stdout
+    config = PeftConfig.from_pretrained(str(out))
+    assert config.r == 16 and "smollm2-135m-instruct" in config.base_model_name_or_path
+    history = json.loads((out / "metrics_history.json").read_text())
+    assert [row["step"] for row in history if "loss" in row] == [1, 2]
+
+
+def test_tiny_recipe_runs_offline_through_accelerate_launch(tmp_path):
+    out = tmp_path / "run"
+    result = launch(
+        "dpo_qlora", tmp_path, "--config", "tiny", "--output_dir", str(out), "--max_steps", "6", "--logging_steps",
+        "2", "--save_steps", "3", "--heldout_pairs", "16",
     )  # fmt: skip
     assert "Held-out reward accuracy (16 pairs): 0.500 before ->" in result.stdout
     assert f"Adapter saved to {out}" in result.stdout

@@ -27,7 +27,7 @@ def test_ppo_on_trl_without_ppo_says_so_and_points_to_dpo():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(KeyError, match="Unknown trainer 'rlhf'. Known trainers: dpo, ppo, sft"):
+    with pytest.raises(KeyError, match="Unknown trainer 'rlhf'. Known trainers: dpo, iterative_dpo, ppo, sft"):
         registry.get_trainer("rlhf")
 
 
@@ -47,7 +47,7 @@ def test_entry_point_plugins(monkeypatch):
         FakeEntryPoint("bad", 3),
     ]
     monkeypatch.setattr(registry, "entry_points", lambda group: plugins if group == registry.ENTRY_POINT_GROUP else [])
-    assert registry.available_trainers() == ["bad", "dpo", "kto", "ppo", "sft"]
+    assert registry.available_trainers() == ["bad", "dpo", "iterative_dpo", "kto", "ppo", "sft"]
     assert registry.get_trainer("kto") is spec
     assert registry.get_trainer("sft").trainer_cls is trl.SFTTrainer  # built-ins win
     with pytest.raises(TypeError, match="Trainer 'bad' must resolve to a TrainerSpec, got int"):

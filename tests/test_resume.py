@@ -18,8 +18,8 @@ from trl_dpo_ext.checkpoints import checkpoint_problem, resolve_resume
 ROOT = Path(__file__).parents[1]
 STEPS = 12
 FLAGS = [
-    "--max_steps", str(STEPS), "--save_steps", "4", "--save_total_limit", "2", "--logging_steps", "1",
-    "--heldout_pairs", "8", "--report_to", "none", "--save_metrics_plot", "false",
+    "--config", "tiny", "--max_steps", str(STEPS), "--save_steps", "4", "--save_total_limit", "2",
+    "--logging_steps", "1", "--heldout_pairs", "8", "--report_to", "none", "--save_metrics_plot", "false",
 ]  # fmt: skip
 
 

@@ -16,6 +16,8 @@ _EXPORTS = {
     "DPOTrainer": "trainer",
     "DisplacementAlarmCallback": "metrics",
     "ImplicitReward": "implicit_reward",
+    "IterativeDPOConfig": "iterative",
+    "IterativeDPOTrainer": "iterative",
     "LOSSES": "losses",
     "MetricsHistoryCallback": "metrics",
     "PreferenceCollator": "collator",

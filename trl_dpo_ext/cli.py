@@ -1,6 +1,7 @@
 """`trl-dpo-ext`: the package's command line.
 
     trl-dpo-ext dpo [--config FILE] [FLAGS]     train: the QLoRA DPO recipe (`trl_dpo_ext.train`)
+    trl-dpo-ext iterative [FLAGS]               iterative DPO: sample from the policy, score, DPO; R rounds
     trl-dpo-ext pairs --output FILE ...         build preference pairs from prompts and a reward model or function
     trl-dpo-ext merge --adapter DIR --out DIR   a plain model: dequantized base + merged LoRA, safetensors
     trl-dpo-ext score --adapter DIR ...         held-out preference accuracy of the adapter's implicit reward
@@ -145,6 +146,13 @@ def run_dpo(argv: list[str]) -> int:
     from . import train
 
     train.main(*train.parse(argv, prog="trl-dpo-ext dpo"))
+    return 0
+
+
+def run_iterative(argv: list[str]) -> int:
+    from . import train_iterative
+
+    train_iterative.main(*train_iterative.parse(argv, prog="trl-dpo-ext iterative"))
     return 0
 
 
@@ -346,6 +354,9 @@ class Command:
 
 COMMANDS = {
     "dpo": Command("Train with DPO: LoRA on a 4-bit base (the QLoRA recipe; --config FILE for YAML).", None, run_dpo),
+    "iterative": Command(
+        "Iterative DPO: rounds of sampling from the policy, scoring, and DPO on one 4-bit base.", None, run_iterative
+    ),
     "pairs": Command("Build preference pairs: k samples per prompt, best and worst.", PairsArguments, run_pairs),
     "merge": Command("Merge an adapter into its dequantized base: a plain model.", MergeArguments, run_merge),
     "score": Command("Held-out preference accuracy of an adapter's implicit reward.", ScoreArguments, run_score),
@@ -370,6 +381,10 @@ def command_parser(name: str):
     prog = f"trl-dpo-ext {name}"
     if name == "dpo":
         return train.make_parser(prog=prog)
+    if name == "iterative":
+        from . import train_iterative
+
+        return train_iterative.make_parser(prog=prog)
     if command.arguments is None:
         return TrlParser((), prog=prog, description=command.help)
     return TrlParser(command.arguments, prog=prog, description=command.help, epilog=CONFIG_HELP)
@@ -454,8 +469,8 @@ def _main(argv: list[str]) -> int:
         # The stored text when it matches the installed TRL/transformers (no import of them), else the parser's.
         print(stored_help(name) or command_parser(name).format_help(), end="")
         return 0
-    if name == "dpo":
-        return run_dpo(rest)
+    if name in ("dpo", "iterative"):
+        return COMMANDS[name].run(rest)
     parsed = command_parser(name).parse_args_and_config(rest)
     return COMMANDS[name].run(*parsed)
 

@@ -239,6 +239,18 @@ class RecipeArguments:
             "0 skips the measurement."
         },
     )
+    heldout_generations: int = field(
+        default=0,
+        metadata={
+            "help": "Distinct prompts of the test split the model answers greedily before and after training; the "
+            "replies are scored by the rule of trl_dpo_ext.behaviour (ended on their own, shorter) and a few are "
+            "printed. 0 skips it."
+        },
+    )
+    generation_max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Token budget of those replies: one that has not ended by then counts as cut off."},
+    )
     dataset_format: str = field(
         default="as_is",
         metadata={
@@ -252,6 +264,10 @@ class RecipeArguments:
     def __post_init__(self):
         if self.heldout_pairs < 0:
             raise ValueError(f"`heldout_pairs` must be >= 0 (0 skips the measurement), got {self.heldout_pairs}.")
+        if self.heldout_generations < 0:
+            raise ValueError(f"`heldout_generations` must be >= 0 (0 skips it), got {self.heldout_generations}.")
+        if self.generation_max_new_tokens < 1:
+            raise ValueError(f"`generation_max_new_tokens` must be >= 1, got {self.generation_max_new_tokens}.")
 
 
 def device_defaults() -> dict[str, bool]:

@@ -28,12 +28,19 @@ from trl.data_utils import extract_prompt
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 BUNDLED_DATASET = Path(__file__).parent / "data" / "toy_preferences.jsonl"
+# Preference sets shipped with the package, by the name `--dataset_name` accepts. Each row has a `split` column.
+BUNDLED = {
+    "toy": BUNDLED_DATASET,  # the tiny default's template pairs
+    # SmolLM2-135M-Instruct's own replies labelled by a rule (recipes/make_smollm2_preferences.py).
+    "smollm2-concise": Path(__file__).parent / "data" / "smollm2_concise.jsonl",
+}
 
 
 def load_preference_dataset(name_or_path: str | None, config: str | None = None) -> DatasetDict:
     """
     Load a preference dataset: the bundled toy set when `name_or_path` is None, a local JSONL/JSON/parquet/CSV file
-    (or a directory saved by `datasets`), else a Hub dataset. A single local file becomes one `train` split.
+    (or a directory saved by `datasets`), a bundled set by its name (`BUNDLED`: `toy`, `smollm2-concise`), else a
+    Hub dataset. A single local file becomes one `train` split.
 
     A local file that cannot be read raises a `ValueError` naming the file and, where there is one, the line: an
     empty file, a line that is not UTF-8 (checked before parsing: pyarrow would keep the bytes and fail, without a
@@ -41,6 +48,8 @@ def load_preference_dataset(name_or_path: str | None, config: str | None = None)
     """
     if name_or_path is None:
         return bundled_preference_dataset()
+    if name_or_path in BUNDLED:
+        return bundled_preference_dataset(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         builder = _LOCAL_BUILDERS.get(path.suffix)
@@ -95,9 +104,9 @@ def _root_cause(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def bundled_preference_dataset() -> DatasetDict:
-    """The toy set shipped with the package, split into `train` and `test` by its `split` column."""
-    rows = load_dataset("json", data_files=str(BUNDLED_DATASET), split="train")
+def bundled_preference_dataset(name: str = "toy") -> DatasetDict:
+    """A set shipped with the package (`BUNDLED`), split into `train` and `test` by its `split` column."""
+    rows = load_dataset("json", data_files=str(BUNDLED[name]), split="train")
     return DatasetDict(
         {
             split: rows.filter(lambda row, s=split: row["split"] == s).remove_columns("split")

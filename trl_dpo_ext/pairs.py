@@ -57,8 +57,20 @@ def reward_model_scores(
     return scores.float().cpu()
 
 
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False).input_ids
+    if prompt and isinstance(prompt[0], dict):  # chat messages: rendered with the generation prompt, as TRL does
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return list(prompt)
+
+
 def prompts_as_ids(prompts, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Prompts as token ids from a list of strings, a list of id lists, or a `Dataset` with `input_ids` or `prompt`."""
+    """
+    Prompts as token ids from a list of strings, chat message lists or id lists, or a `Dataset` with `input_ids` or
+    `prompt`.
+    """
     if isinstance(prompts, Dataset):
         if "input_ids" in prompts.column_names:
             prompts = prompts["input_ids"]
@@ -72,7 +84,7 @@ def prompts_as_ids(prompts, tokenizer: PreTrainedTokenizerBase) -> list[list[int
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts: the prompt set is empty")
-    ids = [tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts]
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
     for row, prompt in enumerate(ids):
         if not prompt:
             raise ValueError(f"prompt row {row} is empty")
@@ -133,6 +145,20 @@ def sample_completions(
     return batches
 
 
+def _checked_scores(scores, expected: int) -> torch.Tensor:
+    """`reward_fn`'s output as a tensor, refused unless it is one finite number per completion."""
+    try:
+        scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`reward_fn` must return one number per completion: {error}") from error
+    if len(scores) != expected:
+        raise ValueError(f"`reward_fn` returned {len(scores)} scores for {expected} completions: one per completion.")
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"`reward_fn` returned a non-finite score ({scores[bad[0]].item()}) for completion {bad[0]}.")
+    return scores.float()
+
+
 def build_preference_pairs(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -190,7 +216,7 @@ def build_preference_pairs(
             if reward_model is not None:
                 scores = reward_model_scores(reward_model, query_responses, mask_pad, context)
             else:
-                scores = torch.tensor([float(s) for s in reward_fn(prompt_text, completion_text)])
+                scores = _checked_scores(reward_fn(prompt_text, completion_text), len(completion_text))
             if missing_eos_penalty is not None:
                 scores = scores - missing_eos_penalty * (~(responses == stop).any(dim=1)).float().cpu()
             for first in range(0, len(scores), k):

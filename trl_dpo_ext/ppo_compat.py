@@ -90,6 +90,13 @@ class PPOConfig(DPOConfig):
     num_completions: int = field(
         default=4, metadata={"help": "Completions sampled per prompt (k >= 2); the best and worst form the pair."}
     )
+    num_rounds: int = field(
+        default=1,
+        metadata={
+            "help": "1: pairs sampled once from the reference policy (the DPO paper's pipeline). R > 1: iterative "
+            "DPO, each round sampling from the policy trained so far (on-policy, as PPO), R rounds."
+        },
+    )
 
     # Value-function, clipping and PPO batch-geometry fields: accepted so scripts parse, meaningless for DPO.
     UNUSED = (
@@ -106,6 +113,8 @@ class PPOConfig(DPOConfig):
             raise ValueError(f"`stop_token` must be 'eos' or None, got {self.stop_token!r}")
         if self.num_completions < 2:
             raise ValueError(f"`num_completions` must be at least 2 to form a pair, got {self.num_completions}")
+        if self.num_rounds < 1:
+            raise ValueError(f"`num_rounds` must be >= 1, got {self.num_rounds}.")
         self.beta = self.kl_coef
         super().__post_init__()
 
@@ -210,7 +219,13 @@ class PPOTrainer:
         return pairs
 
     def train(self):
-        """Build the preference pairs, then train DPO on them. Returns the DPO `TrainOutput`."""
+        """
+        Build the preference pairs, then train DPO on them; returns the DPO `TrainOutput`. With `num_rounds > 1`,
+        iterative DPO instead ([`trl_dpo_ext.IterativeDPOTrainer`], rounds under `output_dir/round-N`); returns the
+        per-round summaries.
+        """
+        if self.args.num_rounds > 1:
+            return self._train_iterative()
         self.preference_dataset = self.build_pairs()
         # No collator of ours: the DPO trainer builds its own, with the layout it decides (and a pad id in range).
         self.dpo_trainer = DPOTrainer(
@@ -226,6 +241,41 @@ class PPOTrainer:
         output = self.dpo_trainer.train(resume_from_checkpoint=self.args.resume_from_checkpoint)
         self.model = self.dpo_trainer.model
         return output
+
+    def _train_iterative(self) -> list[dict]:
+        from .iterative import IterativeDPOConfig, IterativeDPOTrainer
+
+        # The PPO settings, as the iterative trainer names them; every DPO/Trainer field carries over as it is.
+        shared = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
+        args = IterativeDPOConfig(
+            **shared,
+            num_rounds=self.args.num_rounds,
+            num_samples=self.args.num_completions,
+            max_new_tokens=self.args.response_length,
+            temperature=self.args.temperature,
+            generation_batch_size=self.args.local_rollout_forward_batch_size,
+            missing_eos_penalty=self.args.missing_eos_penalty,
+        )
+        prompts = self.train_dataset
+        if self.args.total_episodes is not None:
+            prompts = prompts.select(range(min(self.args.total_episodes, len(prompts))))
+        if not getattr(self.reward_model, "is_loaded_in_4bit", False):  # 4-bit models cannot be moved
+            self.reward_model.to(next(self.model.parameters()).device)
+        iterative = IterativeDPOTrainer(
+            self.model,
+            args,
+            prompts,
+            self.processing_class,
+            reward_model=self.reward_model,
+            ref_model=self.ref_model,
+            stop_token_id=self.stop_token_id,
+            optimizers=self.optimizers,
+            callbacks=self.callbacks,
+            peft_config=self.peft_config,
+        )
+        summary = iterative.train(resume_from_checkpoint=True if self.args.resume_from_checkpoint else None)
+        self.dpo_trainer, self.model = iterative.trainer, iterative.model
+        return summary
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the policy (the LoRA adapter with PEFT) and the tokenizer, like PPO's policy-only save."""

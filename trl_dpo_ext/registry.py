@@ -44,6 +44,14 @@ def _dpo() -> TrainerSpec:
     return TrainerSpec("dpo", DPOTrainer, DPOConfig, "trl_dpo_ext's DPO trainer (shared 4-bit base).")
 
 
+def _iterative_dpo() -> TrainerSpec:
+    from .iterative import IterativeDPOConfig, IterativeDPOTrainer
+
+    return TrainerSpec(
+        "iterative_dpo", IterativeDPOTrainer, IterativeDPOConfig, "On-policy DPO rounds, shared 4-bit base."
+    )
+
+
 def _ppo() -> TrainerSpec:
     import trl
 
@@ -63,6 +71,7 @@ def _ppo() -> TrainerSpec:
 BUILTIN: dict[str, Callable[[], TrainerSpec]] = {
     "sft": _sft,
     "dpo": _dpo,
+    "iterative_dpo": _iterative_dpo,
     "ppo": _ppo,
 }
 

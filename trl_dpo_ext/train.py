@@ -18,6 +18,7 @@ from datasets import DatasetDict
 from transformers import AutoTokenizer, set_seed
 from trl import ScriptArguments, TrlParser, get_peft_config
 
+from . import behaviour
 from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, RecipeArguments, device_defaults
 from .data import load_preference_dataset, to_conversational, validate_preference_dataset
 from .defaults import default_model_path
@@ -29,7 +30,8 @@ from .runlock import RunLock
 from .trainer import DPOTrainer
 
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "dpo_qlora.yaml"
+CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "dpo_qlora.yaml"
 
 
 # `dpo --help` sections, in this order: where each flag's dataclass field is declared.
@@ -83,12 +85,27 @@ def _group_flags(parser: ArgumentParser, dataclasses: tuple[type, ...]) -> None:
 def parse(argv: list[str] | None = None, default_config: str | Path = DEFAULT_CONFIG, prog: str | None = None):
     """
     Parse `argv` (default: `sys.argv[1:]`) into `(ScriptArguments, DPOConfig, QLoRAModelConfig, RecipeArguments)`,
-    reading `default_config` unless `--config` names another YAML file. Flags override the YAML.
+    reading `default_config` unless `--config` names another YAML file (or a packaged one by name, see
+    [`config_path`]). Flags override the YAML.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(default_config), *argv]
+    at = argv.index("--config") + 1
+    if at < len(argv):
+        argv[at] = config_path(argv[at])
     return make_parser(prog).parse_args_and_config(argv)
+
+
+def config_path(value: str) -> str:
+    """
+    `--config` as a file: a path as given, or the name of a config shipped with the package — `tiny` is
+    `configs/dpo_qlora_tiny.yaml` (the tiny random model and toy pairs that the fast tests use).
+    """
+    packaged = CONFIGS / f"dpo_qlora_{value}.yaml"
+    if "/" not in value and os.sep not in value and not Path(value).suffix and packaged.is_file():
+        return str(packaged)
+    return value
 
 
 def main(
@@ -103,7 +120,8 @@ def main(
 
     Returns:
         `dict` with `heldout_accuracy_before`, `heldout_accuracy_after` (`None` without a test split) and
-        `heldout_margins` (the per-pair reward margins after training, a list, or `None`).
+        `heldout_margins` (the per-pair reward margins after training, a list, or `None`) and `heldout_rule` (the
+        rule's score of the greedy held-out replies, `{"before": {...}, "after": {...}}`, or `None`).
     """
     state = PartialState()
     launched = int(os.environ.get("WORLD_SIZE", state.num_processes))  # set by torchrun / accelerate launch
@@ -131,8 +149,9 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
             f"are {list(dataset)}."
         )
     validate_preference_dataset(dataset[script_args.dataset_train_split], script_args.dataset_train_split)
-    measure_heldout = recipe_args.heldout_pairs and script_args.dataset_test_split in dataset
-    if measure_heldout:
+    has_test = script_args.dataset_test_split in dataset
+    measure_heldout = recipe_args.heldout_pairs and has_test
+    if has_test and (measure_heldout or recipe_args.heldout_generations):
         validate_preference_dataset(dataset[script_args.dataset_test_split], script_args.dataset_test_split)
 
     # No model named: build (once) the tiny local default instead of reaching for the Hub; `smollm2-135m-instruct`
@@ -146,7 +165,9 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         if tokenizer.chat_template is None:
             raise ValueError(f"--dataset_format chat needs a tokenizer with a chat template; {model_path} has none.")
         dataset = DatasetDict({split: to_conversational(rows, split) for split, rows in dataset.items()})
-    heldout = None
+    heldout, prompts = None, []
+    if has_test and recipe_args.heldout_generations:
+        prompts = behaviour.heldout_prompts(dataset[script_args.dataset_test_split], recipe_args.heldout_generations)
     if measure_heldout:
         test = dataset[script_args.dataset_test_split]
         heldout = test.select(range(min(recipe_args.heldout_pairs, len(test))))
@@ -176,9 +197,12 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         f"Training on {processes} process(es) ({trainer.accelerator.distributed_type}), global batch {pairs} pairs"
     )
     before = preference_accuracy(reward_margins(trainer, heldout)) if heldout is not None else None
+    budget = recipe_args.generation_max_new_tokens
+    replies_before = behaviour.answer_heldout(trainer.model, tokenizer, prompts, budget, "Held-out replies, before")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     margins = reward_margins(trainer, heldout) if heldout is not None else None
     after = preference_accuracy(margins) if margins is not None else None
+    replies_after = behaviour.answer_heldout(trainer.model, tokenizer, prompts, budget, "Held-out replies, after")
 
     # The model card's `datasets` field holds Hub ids; a local file or directory is not one.
     name = script_args.dataset_name
@@ -195,6 +219,17 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         trainer.accelerator.print(
             f"Held-out reward accuracy ({len(heldout)} pairs): {before:.3f} before -> {after:.3f} after training"
         )
+    rule = None
+    if prompts:
+        rule = {"before": behaviour.rule_score(replies_before), "after": behaviour.rule_score(replies_after)}
+        trainer.accelerator.print(
+            f"Held-out replies ({len(prompts)} prompts, greedy, at most {budget} new tokens): ended on their own "
+            f"{rule['before']['ended']:.3f} before -> {rule['after']['ended']:.3f} after; mean words "
+            f"{rule['before']['words']:.1f} -> {rule['after']['words']:.1f}"
+        )
+        for prompt, old, new in list(zip(prompts, replies_before, replies_after))[:3]:
+            question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            trainer.accelerator.print(f"  Q: {question}\n    before: {_clip(old)}\n    after:  {_clip(new)}")
     trainer.accelerator.print(f"Adapter saved to {out}")
     trainer.accelerator.print(f"Metrics: {out / 'metrics_history.json'}  plot: {out / 'metrics.png'}")
     # Why: DDP's C++ reducer holds the gloo process group. If the reducer is its last holder (freed with the trainer,
@@ -210,4 +245,11 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         "heldout_accuracy_before": before,
         "heldout_accuracy_after": after,
         "heldout_margins": margins.tolist() if margins is not None else None,
+        "heldout_rule": rule,
     }
+
+
+def _clip(reply, width: int = 160) -> str:
+    text = " ".join(reply.text.split())
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return f"{text!r}{'' if reply.finished else ' [cut off]'}"

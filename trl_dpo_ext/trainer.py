@@ -251,6 +251,19 @@ class DPOTrainer(trl.DPOTrainer):
         super()._set_signature_columns_if_needed()
         self._signature_columns = [*self._signature_columns, *CACHE_COLUMNS, INDEX_COLUMN]
 
+    def set_train_dataset(self, dataset: Dataset) -> None:
+        """
+        Train on `dataset` from the next `train()` on, prepared as the constructor prepares its train set (validated,
+        tokenized, with the reference cache under `ref_cache`): how iterative DPO brings in each round's pairs while
+        the model and its reference stay as they are.
+        """
+        if self.args.precompute_ref_log_probs:
+            raise ValueError("precompute_ref_log_probs covers the constructor's dataset only; use ref_cache=True.")
+        dataset = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
+        if getattr(self.args, "ref_cache", False) and self._cache_usable():
+            dataset = self._with_reference_cache(dataset, "train")
+        self.train_dataset = dataset
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """
         [`transformers.Trainer.train`], resuming only from a completely written checkpoint: `True` or `"last"` picks
