@@ -28,12 +28,16 @@ computations that each carry that error differ by at most twice it.
 - A sequence log-prob Σ_t ℓ_t: every token carries `forward_rtol` (correlated across the tokens of a row, which share
   a prefix and the weights, so added linearly), then the sum: `sequence_logps_tol`.
 - A DPO loss: −log σ(β·m) has a derivative of magnitude ≤ 1 (1/2 at m = 0), m = (π_c − ref_c) − (π_r − ref_r):
-  `sigmoid_loss_tol` = β · mean over pairs of the four sequence tolerances.
+  `sigmoid_loss_tol` = β · mean over pairs of the four sequence tolerances. The hinge loss max(0, 1 − β·m) is
+  1-Lipschitz in β·m too. IPO's (m̄ − 1/(2β))², on the per-token margin m̄, is not Lipschitz: `ipo_loss_tol`.
+- A mean of logged metrics: n − 1 additions and a division, relative to the mean of the |terms|: `mean_rtol`.
 - A gradient: a backward pass is a second chain as long as the forward plus the sum over every token of the batch
   (the weight gradient); compared norm-wise, relative to the largest entry of the tensor: `backward_rtol`.
 
 What stays exact. Results of the same code path on the same shapes in one process (bit-identical base tensors,
-token counts, a value read back from a cache), and small-integer arithmetic, are compared with `==`.
+token counts, a value read back from a cache), and small-integer arithmetic, are compared with `==`. So is a step-1
+loss where the policy (a fresh adapter, B = 0, adds exactly 0) and the reference run the same kernels on the same
+batch: the margins are exactly 0 and the loss is `zero_margin_loss`, log 2 in fp32.
 
 Out of this model: bitsandbytes' CPU inference path. On a CPU with AVX512-BF16, `bnb.nn.Linear4bit` repacks its
 weights and computes in bf16 (u = 2^-9) whenever it runs in eval mode without grad; `fp32_4bit_kernels` turns that
@@ -101,11 +105,30 @@ def sequence_logps_tol(logps: torch.Tensor, lengths, config, seq_len: int, lora_
 
 
 def sigmoid_loss_tol(beta: float, *sequence_tols: torch.Tensor) -> float:
-    """Tolerance of the mean sigmoid DPO loss from the tolerances of its four sequence log-probs (|d loss/d βm| ≤ 1).
+    """Tolerance of the mean sigmoid (or hinge) DPO loss from the tolerances of the sequence log-probs in its margin
+    (|d loss/d βm| ≤ 1).
 
     `sequence_tols`: tensors of shape (pairs,), one per log-prob in the margin (chosen, rejected, ref chosen, ...)."""
     per_pair = sum(t.double() for t in sequence_tols)
     return beta * per_pair.mean().item()
+
+
+def ipo_loss_tol(beta: float, margins: torch.Tensor, margin_tols: torch.Tensor) -> float:
+    """Tolerance of the mean IPO loss (m̄ − c)², c = 1/(2β), from each pair's per-token margin m̄ and its tolerance δ
+    (the sequence tolerances of its four log-probs, each divided by its answer length): for |e| ≤ δ,
+    |(m̄ + e − c)² − (m̄ − c)²| = |2(m̄ − c)·e + e²| ≤ 2|m̄ − c|·δ + δ²."""
+    slack = (margins.double() - 1 / (2 * beta)).abs()
+    margin_tols = margin_tols.double()
+    return (2 * slack * margin_tols + margin_tols**2).mean().item()
+
+
+def mean_rtol(terms: int, roundings: int = 0) -> float:
+    """Two fp32 evaluations of the mean of `terms` values that agree in exact arithmetic (a mean of differences
+    against a difference of means, say), each value the result of at most `roundings` rounded elementwise operations
+    on exact fp32 inputs: each side is a chain of ≤ terms + roundings roundings, whose error is relative to the mean of
+    the |values| (not to |the mean|, for values of mixed signs), so they differ by ≤ 2·γ̃_{terms + roundings} times
+    that mean of |values|."""
+    return 2 * gamma(terms + roundings)
 
 
 def _report(what: str, diff: float, tol: float) -> None:
@@ -141,6 +164,15 @@ def assert_effect(effect, tol, factor: float = 10.0, what: str = "") -> None:
     tol_at = tol.flatten()[worst if tol.numel() > 1 else 0].item()
     _report(f"effect: {what}", effect_at, tol_at)
     assert effect_at > factor * tol_at, f"{what}: effect {effect_at:.3g} is not {factor}x the tolerance {tol_at:.3g}"
+
+
+def zero_margin_loss(pairs: int, beta: float = 0.1) -> float:
+    """The trainer's sigmoid loss of a batch of `pairs` pairs whose margins are all exactly 0 (π and π_ref computed
+    by identical passes): −log σ(0) = log 2 in fp32, averaged over the batch by the trainer's own code, so exact."""
+    from trl_dpo_ext.losses import preference_loss
+
+    zeros, ones = torch.zeros(pairs), torch.ones(pairs)
+    return preference_loss(["sigmoid"], [1.0], zeros, zeros, ones, ones, beta).item()
 
 
 def fp32_4bit_kernels(model: torch.nn.Module) -> torch.nn.Module:

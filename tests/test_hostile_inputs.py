@@ -27,7 +27,15 @@ import torch  # noqa: E402
 from datasets import Dataset, Features, Json  # noqa: E402
 from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from numerics import assert_within, sequence_logps_tol
+from numerics import (  # noqa: E402
+    assert_effect,
+    assert_within,
+    forward_rtol,
+    sequence_logps_tol,
+    sigmoid_loss_tol,
+    sum_rtol,
+    zero_margin_loss,
+)
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
@@ -694,8 +702,12 @@ HOSTILE_ROWS = [
 HOSTILE_ROWS.append(dict(HOSTILE_ROWS[0]))  # a duplicate pair
 
 
-def train_one_step(tiny_dir, tokenizer, dpo_args, dataset: Dataset, **overrides) -> float:
-    args = dpo_args(**{"max_steps": 1, "per_device_train_batch_size": 8, "max_length": 16, **overrides})
+MAX_LENGTH = 16
+
+
+def train_one_step_log(tiny_dir, tokenizer, dpo_args, dataset: Dataset, **overrides) -> dict:
+    """What one training step on `dataset` logs (its loss, log-probs, ...)."""
+    args = dpo_args(**{"max_steps": 1, "per_device_train_batch_size": 8, "max_length": MAX_LENGTH, **overrides})
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_dir),
         args=args,
@@ -703,10 +715,15 @@ def train_one_step(tiny_dir, tokenizer, dpo_args, dataset: Dataset, **overrides)
         processing_class=tokenizer,
     )
     trainer.train()
-    (loss,) = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return loss
+    (row,) = [row for row in trainer.state.log_history if "loss" in row]
+    return row
 
 
+def train_one_step(tiny_dir, tokenizer, dpo_args, dataset: Dataset, **overrides) -> float:
+    return train_one_step_log(tiny_dir, tokenizer, dpo_args, dataset, **overrides)["loss"]
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -719,8 +736,24 @@ def train_one_step(tiny_dir, tokenizer, dpo_args, dataset: Dataset, **overrides)
 def test_hostile_rows_train_with_prompts_past_max_length(tiny_dir, tokenizer, dpo_args, tmp_path, overrides):
     if overrides.get("ref_cache"):
         overrides = {**overrides, "ref_cache_dir": str(tmp_path / "ref")}
-    loss = train_one_step(tiny_dir, tokenizer, dpo_args, Dataset.from_list(HOSTILE_ROWS), **overrides)
-    assert math.isfinite(loss) and loss == pytest.approx(math.log(2), abs=1e-5)  # step 0: policy == reference
+    row = train_one_step_log(tiny_dir, tokenizer, dpo_args, Dataset.from_list(HOSTILE_ROWS), **overrides)
+    loss = row["loss"]
+    assert math.isfinite(loss)
+    # Step 1, before any update: π = π_ref (TRL's reference model is a copy of the policy's weights).
+    if not overrides.get("ref_cache"):
+        # The policy and reference passes run the same kernels on the same batch: exactly log 2 in fp32.
+        assert loss == zero_margin_loss(len(HOSTILE_ROWS))
+        return
+    # The reference comes from the cache, computed in another pass (rows unshuffled, in other batch positions): log 2
+    # up to the fp32 rounding of each answer's Σ_t log p in two passes (forward + summation, tests/numerics.py); every
+    # answer has ≤ MAX_LENGTH tokens, and a shared-prompt row holds ≤ 2·MAX_LENGTH.
+    config = tiny_llama_config(len(tokenizer))
+    rtol = forward_rtol(config, 2 * MAX_LENGTH) + sum_rtol(MAX_LENGTH)
+    chosen, rejected = (torch.tensor([rtol * abs(row[f"logps/{answer}"])]) for answer in ("chosen", "rejected"))
+    tol = sigmoid_loss_tol(0.1, chosen, rejected)  # |π − π_ref| ≤ one two-pass tolerance per answer of the margin
+    assert_within(loss, zero_margin_loss(len(HOSTILE_ROWS)), tol, "step-1 loss vs log 2")
+    # A cache misaligned by one answer (chosen ↔ rejected) would move the loss by about β·|log π_c − log π_r|.
+    assert_effect(0.1 * abs(row["logps/chosen"] - row["logps/rejected"]), tol, what="chosen vs rejected log-probs")
 
 
 def test_hostile_rows_whose_prompts_fill_max_length_are_dropped_with_a_warning(tiny_dir, tokenizer, dpo_args):

@@ -6,10 +6,12 @@ import shutil
 
 import pytest
 import torch
+from numerics import assert_effect, assert_within, mean_rtol, sequence_logps_tol
 from recipe_run import HELDOUT_PAIRS, trained_run
 
 from trl_dpo_ext import ImplicitReward, PreferenceCollator
 from trl_dpo_ext.data import bundled_preference_dataset
+from trl_dpo_ext.implicit_reward import _pair, _tokenize
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +41,16 @@ def test_heldout_accuracy_equals_what_the_recipe_prints(run, reward, heldout):
     assert (int(printed[1]), f"{accuracy:.3f}") == (HELDOUT_PAIRS, printed[3])
 
 
-def test_score_is_beta_times_the_log_ratio_computed_by_hand(reward, heldout):
-    row = heldout[0]
-    prompt_ids = reward.tokenizer(row["prompt"]).input_ids
-    full_ids = reward.tokenizer(row["prompt"] + row["chosen"] + reward.tokenizer.eos_token).input_ids
+def by_hand(reward, prompt: str, answer: str) -> tuple[float, float, int]:
+    """log π and log π_ref of `answer` from a plain forward with full logits (not the scorer's fused head and collator
+    rows), and the answer's length in tokens."""
+    prompt_ids = reward.tokenizer(prompt).input_ids
+    full_ids = reward.tokenizer(prompt + answer + reward.tokenizer.eos_token).input_ids
     assert full_ids[: len(prompt_ids)] == prompt_ids
     input_ids = torch.tensor([full_ids])
     targets = input_ids[0, len(prompt_ids) :]
 
-    def answer_logp() -> float:  # plain forward, full logits: not the fused head the scorer uses
+    def answer_logp() -> float:
         with torch.no_grad():
             logits = reward.model(input_ids=input_ids).logits[0, len(prompt_ids) - 1 : -1].float()
         return logits.log_softmax(-1).gather(1, targets[:, None]).sum().item()
@@ -55,12 +58,39 @@ def test_score_is_beta_times_the_log_ratio_computed_by_hand(reward, heldout):
     policy = answer_logp()
     with reward.model.disable_adapter():
         reference = answer_logp()
+    return policy, reference, len(targets)
+
+
+def reward_tol(reward, answers: list[tuple[float, float, int]], seq_len: int, score: float) -> float:
+    """fp32 rounding of a reward (one answer) or a margin (two) computed in two batch layouts (tests/numerics.py):
+    β times the forward + summation tolerances of each log-prob in it, plus the subtraction and the product by β."""
+    r = reward.model.peft_config["default"].r
+    logps = torch.tensor([logp for policy, reference, _ in answers for logp in (policy, reference)])
+    lengths = [length for *_, length in answers for _ in range(2)]
+    tols = sequence_logps_tol(logps, lengths, reward.model.config, seq_len, r)
+    return reward.beta * tols.sum().item() + mean_rtol(1, 2 * len(answers)) * abs(score)
+
+
+def longest_row(reward, dataset) -> int:
+    """The longest row the scorer's collator makes of `dataset`'s pairs: a bound on any row they were scored in."""
+    return reward.collator([_pair(row, row) for row in _tokenize(dataset, reward.tokenizer)])["input_ids"].size(1)
+
+
+@pytest.mark.numerics
+def test_score_is_beta_times_the_log_ratio_computed_by_hand(reward, heldout):
+    row = heldout[0]
+    policy, reference, length = by_hand(reward, row["prompt"], row["chosen"])
     score = reward.score([row["prompt"]], [row["chosen"]])
     assert score.shape == (1,)
-    assert score.item() == pytest.approx(0.1 * (policy - reference), abs=1e-4)
-    assert abs(score.item()) > 1e-3  # training moved the policy, so the check has something to compare
+    # Full logits against the fused head, a plain row against a shared-prompt row (the answer twice, ≤ twice the
+    # plain row): other reduction orders, so equal up to fp32 rounding.
+    seq_len = 2 * len(reward.tokenizer(row["prompt"] + row["chosen"] + reward.tokenizer.eos_token).input_ids)
+    tol = reward_tol(reward, [(policy, reference, length)], seq_len, score.item())
+    assert_within(score.item(), reward.beta * (policy - reference), tol, "score vs by hand")
+    assert_effect(abs(score.item()), tol, what="score")  # training moved the policy: there is something to compare
 
 
+@pytest.mark.numerics
 def test_rank_orders_candidates_and_scores_agree_with_margins(run, reward, heldout):
     first, second = heldout[0], heldout[1]
     candidates = [first["rejected"], " Maybe.", first["chosen"]]
@@ -72,15 +102,27 @@ def test_rank_orders_candidates_and_scores_agree_with_margins(run, reward, heldo
     mixed = reward.score(
         [first["prompt"], first["prompt"], second["prompt"]], [first["chosen"], first["rejected"], second["chosen"]]
     )
-    assert (mixed[0] - mixed[1]).item() == pytest.approx(run.result["heldout_margins"][0], abs=1e-5)
-    assert mixed[0].item() == pytest.approx(scores[2].item(), abs=1e-5)
+    # The same pair in other batches (of 1 pair and a lone answer here, of 8 held-out pairs in the recipe): other
+    # shapes, so equal up to the fp32 rounding of its four log-probs; the context is at most the longest held-out row.
+    chosen, rejected = (by_hand(reward, first["prompt"], first[k]) for k in ("chosen", "rejected"))
+    seq_len = longest_row(reward, heldout)
+    margin = run.result["heldout_margins"][0]
+    tol = reward_tol(reward, [chosen, rejected], seq_len, margin)
+    assert_within((mixed[0] - mixed[1]).item(), margin, tol, "margin vs the recipe's")
+    assert_effect(abs(margin), tol, what="margin")  # swapped or misplaced slots would be off by about the margin
+    tol = reward_tol(reward, [chosen], seq_len, scores[2].item())
+    assert_within(mixed[0].item(), scores[2].item(), tol, "score in two batches")
+    assert_effect(abs(scores[2] - scores[0]).item(), tol, what="chosen vs rejected score")
 
 
 def test_beta_override_scales_the_reward(run, reward, heldout):
     row = heldout[0]
     doubled = ImplicitReward.from_pretrained(run.output_dir, beta=0.2)
-    assert doubled.score([row["prompt"]], [row["chosen"]]).item() == pytest.approx(
-        2 * reward.score([row["prompt"]], [row["chosen"]]).item(), rel=1e-5
+    # Exact: the same weights, batch and kernels in one process give the same log-probs, and fp32(0.2) = 2·fp32(0.1),
+    # so fl(0.2·x) = 2·fl(0.1·x) (a product by 2 is exact).
+    assert (
+        doubled.score([row["prompt"]], [row["chosen"]]).item()
+        == 2 * reward.score([row["prompt"]], [row["chosen"]]).item()
     )
 
 
