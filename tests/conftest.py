@@ -42,6 +42,15 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the installed GGUF into this session's temp dir: once per session (the
+    conversion itself is under test in test_pretrained.py), shared by every test that needs the real model."""
+    from trl_dpo_ext import pretrained
+
+    return pretrained.smollm2_path(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
 

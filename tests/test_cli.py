@@ -21,6 +21,7 @@ from trl_dpo_ext.defaults import tiny_llama_config
 ROOT = Path(__file__).parents[1]
 HELP_FLAGS = {
     "dpo": ["--dataset_format", "--beta", "--lora_r", "--config"],
+    "iterative": ["--num_rounds", "--num_samples", "--reward", "--reward_model_path", "--prompts", "--config"],
     "pairs": ["--reward_fn", "--reward_model", "--prompts", "--output"],
     "merge": ["--adapter", "--out", "--dtype", "--overwrite", "--config"],
     "score": ["--adapter", "--dataset_name", "--max_pairs", "--beta"],

@@ -75,6 +75,10 @@ def test_documented_commands_parse():
     for name, *args in commands:
         if name == "dpo":
             train.parse(args)
+        elif name == "iterative":
+            from trl_dpo_ext import train_iterative
+
+            train_iterative.parse(args)
         elif cli.COMMANDS[name].arguments is not None:
             TrlParser(cli.COMMANDS[name].arguments).parse_args_and_config(args)
         else:
@@ -96,7 +100,20 @@ QUICK_PROGRAMS = {"trl-dpo-ext", "printf", "echo", "mkdir", "cat"}
 # training pairs first (tests/test_refcache.py and tests/test_recipe.py cover the cache); pairs are sampled for 8
 # prompts (not 320).
 SIZE_CAPS = {
-    "dpo": ["--max_steps", "2", "--logging_steps", "1", "--heldout_pairs", "8", "--ref_cache", "false"],
+    "dpo": [
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--heldout_pairs",
+        "8",
+        "--ref_cache",
+        "false",
+        "--heldout_generations",
+        "2",
+        "--generation_max_new_tokens",
+        "4",
+    ],  # fmt: skip
     "pairs": ["--max_prompts", "8"],
 }
 SHELL_OPERATORS = {"|", "||", "&&", ";", ">", ">>", "<", "&"}

@@ -9,11 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_dpo_ext import pretrained
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    return pretrained.smollm2_path(tmp_path_factory.mktemp("cache"))
-
-
 def test_converted_checkpoint_is_the_real_instruct_model(smollm2_dir):
     digest = pretrained.file_digest(pretrained.smollm2_gguf())
     assert smollm2_dir.name == f"smollm2-135m-instruct-{pretrained.CONVERSION}-{digest}"

@@ -39,7 +39,7 @@ def test_default_recipe_trains_the_real_model_offline(tmp_path):
     assert "Held-out reward accuracy (4 pairs): 0.500 before ->" in result.stdout  # π = π_ref at step 0: all ties
     line = "Held-out replies (2 prompts, greedy, at most 8 new tokens): ended on their own 0.000 before -> 0.000 after"
     assert line in result.stdout, result.stdout  # 8 tokens: too few for any reply to end
-    assert "  Q: What is a cloud?\n    before: '" in result.stdout and "[cut off]" in result.stdout
+    assert "  Q: What is a vitamin?\n    before: " in result.stdout and "[cut off]" in result.stdout
     assert f"Adapter saved to {out}" in result.stdout
     config = PeftConfig.from_pretrained(str(out))
     assert config.r == 16 and "smollm2-135m-instruct" in config.base_model_name_or_path

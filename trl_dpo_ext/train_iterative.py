@@ -75,7 +75,11 @@ class IterativeArguments:
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    parser = TrlParser((IterativeArguments, IterativeDPOConfig, QLoRAModelConfig), prog=prog)
+    parser = TrlParser(
+        (IterativeArguments, IterativeDPOConfig, QLoRAModelConfig),
+        prog=prog,
+        epilog="--config FILE reads these settings from a YAML file; flags override it.",
+    )
     parser.set_defaults(**device_defaults())
     return parser
 
