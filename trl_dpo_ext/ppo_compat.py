@@ -192,14 +192,19 @@ class PPOTrainer:
     def stop_token_id(self) -> int | None:
         return self.processing_class.eos_token_id if self.args.stop_token == "eos" else self.args.stop_token_id
 
-    def build_pairs(self) -> Dataset:
-        """Sample, score and rank completions for the training prompts; save the pair set under `output_dir`."""
+    def _prompts_beside(self, sampler) -> Dataset:
+        """The prompts to sample pairs for (`total_episodes` of them); the reward model moved to `sampler`'s device."""
         prompts = self.train_dataset
         if self.args.total_episodes is not None:
             prompts = prompts.select(range(min(self.args.total_episodes, len(prompts))))
-        sampler = self.ref_model if self.ref_model is not None else self.model
         if not getattr(self.reward_model, "is_loaded_in_4bit", False):  # 4-bit models cannot be moved
             self.reward_model.to(next(sampler.parameters()).device)
+        return prompts
+
+    def build_pairs(self) -> Dataset:
+        """Sample, score and rank completions for the training prompts; save the pair set under `output_dir`."""
+        sampler = self.ref_model if self.ref_model is not None else self.model
+        prompts = self._prompts_beside(sampler)
         pairs = build_preference_pairs(
             sampler,
             self.processing_class,
@@ -256,11 +261,7 @@ class PPOTrainer:
             generation_batch_size=self.args.local_rollout_forward_batch_size,
             missing_eos_penalty=self.args.missing_eos_penalty,
         )
-        prompts = self.train_dataset
-        if self.args.total_episodes is not None:
-            prompts = prompts.select(range(min(self.args.total_episodes, len(prompts))))
-        if not getattr(self.reward_model, "is_loaded_in_4bit", False):  # 4-bit models cannot be moved
-            self.reward_model.to(next(self.model.parameters()).device)
+        prompts = self._prompts_beside(self.model)
         iterative = IterativeDPOTrainer(
             self.model,
             args,

@@ -172,17 +172,7 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         test = dataset[script_args.dataset_test_split]
         heldout = test.select(range(min(recipe_args.heldout_pairs, len(test))))
 
-    model = load_qlora_model(
-        model_path,
-        None if model_args.sft_adapter_path else get_peft_config(model_args),
-        sft_adapter_path=model_args.sft_adapter_path,
-        compute_dtype=model_args.bnb_4bit_compute_dtype,
-        double_quant=model_args.use_bnb_nested_quant,
-        quant_storage=model_args.bnb_4bit_quant_storage,
-        revision=model_args.model_revision,
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=training_args.trust_remote_code,
-    )
+    model = load_policy(model_path, model_args, training_args.trust_remote_code)
     trainer = DPOTrainer(
         model=model,
         args=training_args,
@@ -247,6 +237,21 @@ def _train(state, script_args, training_args, model_args, recipe_args) -> dict:
         "heldout_margins": margins.tolist() if margins is not None else None,
         "heldout_rule": rule,
     }
+
+
+def load_policy(model_path: str, model_args: QLoRAModelConfig, trust_remote_code: bool = False):
+    """The 4-bit base with LoRA that `model_args` describe (a fresh adapter, or the SFT one): every recipe's policy."""
+    return load_qlora_model(
+        model_path,
+        None if model_args.sft_adapter_path else get_peft_config(model_args),
+        sft_adapter_path=model_args.sft_adapter_path,
+        compute_dtype=model_args.bnb_4bit_compute_dtype,
+        double_quant=model_args.use_bnb_nested_quant,
+        quant_storage=model_args.bnb_4bit_quant_storage,
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def _clip(reply, width: int = 160) -> str:

@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 
 from accelerate import PartialState
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
-from trl import TrlParser, get_peft_config
+from trl import TrlParser
 
 from .config import QLoRAModelConfig, device_defaults
 from .data import load_preference_dataset
-from .defaults import default_model_path
 from .iterative import IterativeDPOConfig, IterativeDPOTrainer
-from .models import load_qlora_model
 from .pretrained import SMOLLM2_NAME, resolve_model_name
 from .runlock import RunLock
+from .train import load_policy
 
 
 def concise_reward(prompts: list[str], completions: list[str]) -> list[float]:
@@ -124,20 +123,14 @@ def main(iter_args: IterativeArguments, training_args: IterativeDPOConfig, model
         if iter_args.reward == "concise" and training_args.missing_eos_penalty is None:
             training_args.missing_eos_penalty = CONCISE_EOS_PENALTY
         with state.main_process_first():
-            model_path = resolve_model_name(model_args.model_name_or_path or SMOLLM2_NAME) or str(default_model_path())
-        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+            model_path = resolve_model_name(model_args.model_name_or_path or SMOLLM2_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
         reward_model = None
         if iter_args.reward_model_path:
             reward_model = AutoModelForSequenceClassification.from_pretrained(iter_args.reward_model_path)
-        model = load_qlora_model(
-            model_path,
-            None if model_args.sft_adapter_path else get_peft_config(model_args),
-            sft_adapter_path=model_args.sft_adapter_path,
-            compute_dtype=model_args.bnb_4bit_compute_dtype,
-            double_quant=model_args.use_bnb_nested_quant,
-            revision=model_args.model_revision,
-            attn_implementation=model_args.attn_implementation,
-        )
+        model = load_policy(model_path, model_args, training_args.trust_remote_code)
         trainer = IterativeDPOTrainer(
             model, training_args, prompts, tokenizer, reward_fn=reward_fn, reward_model=reward_model
         )

@@ -107,7 +107,9 @@ class DPOTrainer(trl.DPOTrainer):
             logger.warning("Using stock TRL's loss because %s.", "; ".join(self._stock_loss_reasons))
         if not self._is_vision_dataset:
             self.data_collator = self._layout_collator(args, data_collator)
-        if getattr(args, "ref_cache", False) and self._cache_usable():
+        # Decided once: a later train set (`set_train_dataset`) is cached, or not, like this one.
+        self._uses_ref_cache = getattr(args, "ref_cache", False) and self._cache_usable()
+        if self._uses_ref_cache:
             self.train_dataset = self._with_reference_cache(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self._with_reference_cache(v, k) for k, v in self.eval_dataset.items()}
@@ -260,7 +262,7 @@ class DPOTrainer(trl.DPOTrainer):
         if self.args.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs covers the constructor's dataset only; use ref_cache=True.")
         dataset = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
-        if getattr(self.args, "ref_cache", False) and self._cache_usable():
+        if self._uses_ref_cache:
             dataset = self._with_reference_cache(dataset, "train")
         self.train_dataset = dataset
 
