@@ -1,6 +1,6 @@
 """fp32 adapter master weights against TRL's bf16 cast, on the real model at a DPO learning rate (issue #16).
 
-    python benchmarks/adapter_dtype.py                      # 200 steps per arm at lr 5e-6 (~25 min on 2 CPU cores)
+    python benchmarks/adapter_dtype.py                      # 200 steps per arm at lr 5e-6 (~30 min on 2 CPU cores)
     python benchmarks/adapter_dtype.py --steps 20           # a quick look
 
 Both arms: SmolLM2-135M-Instruct in 4-bit NF4 (fp32 compute) + LoRA r=16 on every linear layer, the same seed (so
@@ -70,11 +70,14 @@ def run_arm(adapter_dtype: str, steps: int, lr: float, eval_every: int, batch: i
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"], processing_class=tokenizer
     )
     initial = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.evaluate()  # step 0
+    # Step 0: the policy is the reference, so every margin is 0 and accuracy (margin > 0) reads 0; train() resets
+    # log_history, hence kept here.
+    step0 = trainer.evaluate()
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    trainer.evaluate()
+    if steps % eval_every:
+        trainer.evaluate()
     moved = {"lora_A": [], "lora_B": []}
     for name, param in trainer.model.named_parameters():
         if name in initial:
@@ -90,7 +93,11 @@ def run_arm(adapter_dtype: str, steps: int, lr: float, eval_every: int, batch: i
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss": [(h["step"], h["loss"]) for h in history if "loss" in h],
         "margin": [(h["step"], h["rewards/margins"]) for h in history if "rewards/margins" in h and "loss" in h],
-        "heldout_accuracy": [(h["step"], h["eval_rewards/accuracies"]) for h in history if "eval_loss" in h],
+        **{
+            f"heldout_{name}": [(0, step0[f"eval_{key}"])]
+            + [(h["step"], h[f"eval_{key}"]) for h in history if "eval_loss" in h]
+            for name, key in (("accuracy", "rewards/accuracies"), ("loss", "loss"), ("margin", "rewards/margins"))
+        },
         "moved_fraction_mean": {k: sum(v) / len(v) for k, v in moved.items()},
         "moved_fraction_min": {k: min(v) for k, v in moved.items()},
         "torch": torch.__version__,
@@ -103,17 +110,26 @@ def report(results: list[dict], lr: float, batch: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for r in results:
+        for key in ("heldout_accuracy", "heldout_loss", "heldout_margin"):
+            r[key] = sorted(dict(r[key]).items())  # one point per step
     for r in results:
         label = f"{r['adapter_dtype']} masters"
-        for ax, key in zip(axes, ("loss", "margin", "heldout_accuracy")):
+        for ax, key in zip(axes, ("loss", "margin", "heldout_loss", "heldout_accuracy")):
             steps, values = zip(*r[key])
-            if key == "heldout_accuracy":
+            if key.startswith("heldout"):
                 ax.plot(steps, values, marker="o", label=label)
             else:  # one point per step is noisy: a 10-step running mean, raw points faint
                 ax.plot(steps, values, alpha=0.25)
                 ax.plot(steps, _running_mean(values, 10), label=label, color=ax.lines[-1].get_color())
-    for ax, title in zip(axes, ("training loss", "reward margin (train batch)", "held-out implicit-reward accuracy")):
+    titles = (
+        "training loss",
+        "reward margin (train batch)",
+        "held-out loss (16 pairs)",
+        "held-out accuracy (16 pairs)",
+    )
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
@@ -121,18 +137,23 @@ def report(results: list[dict], lr: float, batch: int) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "adapter_dtype.png", dpi=100)
 
+    eval_steps = [step for step, _ in results[0]["heldout_accuracy"] if step > 0]  # step 0: every margin is 0
+    at = "/".join(map(str, eval_steps))
     lines = [
-        "| adapter masters | steps/s | peak RSS (MiB) | final loss (mean of last 20) | final margin (last 20) | "
-        "held-out acc. start → end | lora_A entries moved | lora_B entries moved |",
-        "|---|---|---|---|---|---|---|---|",
+        "| adapter masters | steps/s | peak RSS (MiB) | train loss (mean of last 20 steps) | train margin (last 20) "
+        f"| held-out loss at steps {at} | held-out margin at {eval_steps[-1]} "
+        f"| held-out accuracy at steps {at} | lora_A entries moved | lora_B entries moved |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         loss = [v for _, v in r["loss"]][-20:]
         margin = [v for _, v in r["margin"]][-20:]
-        acc = r["heldout_accuracy"]
+        accuracy = " / ".join(f"{value:.3f}" for step, value in r["heldout_accuracy"] if step > 0)
+        heldout_loss = " / ".join(f"{value:.4f}" for step, value in r["heldout_loss"] if step > 0)
         lines.append(
             f"| {r['adapter_dtype']} ({r['trainable_dtype']}) | {r['steps_per_second']:.3f} | {r['peak_rss_mib']:.0f} "
-            f"| {sum(loss) / len(loss):.4f} | {sum(margin) / len(margin):.4f} | {acc[0][1]:.3f} → {acc[-1][1]:.3f} "
+            f"| {sum(loss) / len(loss):.4f} | {sum(margin) / len(margin):.4f} | {heldout_loss} "
+            f"| {r['heldout_margin'][-1][1]:.4f} | {accuracy} "
             f"| {100 * r['moved_fraction_mean']['lora_A']:.1f} % | {100 * r['moved_fraction_mean']['lora_B']:.1f} % |"
         )
     (RESULTS / "adapter_dtype.md").write_text("\n".join(lines) + "\n")
@@ -147,10 +168,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=5e-6)
-    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
-    parser.add_argument("--eval_every", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=2, help="pairs per step")
+    parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm in this process
     parser.add_argument("--out", default="/tmp/adapter_dtype_bench", help="where the arms' output_dirs go")
+    parser.add_argument("--report_only", action="store_true", help="rewrite the report from the arms in --out")
     args = parser.parse_args()
     out = Path(args.out)
     if args.arm:
@@ -158,12 +180,11 @@ def main() -> None:
         (out / f"{args.arm}.json").write_text(json.dumps(result))
         return
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for arm in ARMS:
+    for arm in ARMS if not args.report_only else ():
         flags = ["--steps", str(args.steps), "--lr", str(args.lr), "--batch", str(args.batch)]
         flags += ["--eval_every", str(args.eval_every), "--out", str(out), "--arm", arm]
         subprocess.run([sys.executable, __file__, *flags], check=True)
-        results.append(json.loads((out / f"{arm}.json").read_text()))
+    results = [json.loads((out / f"{arm}.json").read_text()) for arm in ARMS]
     RESULTS.mkdir(exist_ok=True)
     command = f"python benchmarks/adapter_dtype.py --steps {args.steps} --lr {args.lr:g} --batch {args.batch}"
     (RESULTS / "adapter_dtype.json").write_text(json.dumps({"command": command, "results": results}, indent=1))

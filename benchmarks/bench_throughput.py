@@ -17,10 +17,14 @@ Workloads, each a pair of prompt / answer lengths (±25 % per row, so batches ha
 The adapter weights are bf16 in both trainers here (ours with `adapter_dtype="bfloat16"`, TRL's cast), so the two
 run the same config; what fp32 masters cost is measured by `benchmarks/adapter_dtype.py`.
 
-Runs alternate stock / ours within each repeat; the table gives medians over repeats and the median of the per-repeat
-ratios. On the CPU every run is its own process so that its peak RSS is its own. Tokens/s counts the same tokens for
-both trainers (TRL's `num_tokens`: prompt + answer of every sequence), so its ratio is the steps/s ratio; what differs
-is how many tokens each trainer actually computes.
+The limit row (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens
+(`prompt + chosen + rejected`, one causal row per pair; no reference forward, trainer, mask or optimizer), measured in
+the same run; the tables give ours/limit and stock/limit beside ours/stock.
+
+Runs alternate limit / stock / ours within each repeat; the table gives medians over repeats and the median of the
+per-repeat ratios. On the CPU every run is its own process so that its peak RSS is its own. Tokens/s counts the same
+tokens for both trainers (TRL's `num_tokens`: prompt + answer of every sequence), so its ratio is the steps/s ratio;
+what differs is how many tokens each trainer actually computes.
 """
 
 import argparse
@@ -135,14 +139,78 @@ class PeakRSS:
         self.thread.join()
 
 
-def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settings: dict) -> dict:
-    """Train `warmup + steps` steps with one trainer and measure the timed steps."""
-    import trl
+def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
+    """
+    The limit (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens,
+    `prompt + chosen + rejected` in one causal row per pair — no reference forward, no trainer, no mask, no optimizer.
+    The rows are tokenized by our trainer (same truncation, chat template), and the model is the one it wraps (same
+    LoRA, same adapter dtype), so the limit computes exactly the tokens ours must compute for the policy.
+    """
+    import trl_dpo_ext
+
+    args = trl_dpo_ext.DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        max_length=settings["max_length"],
+        bf16=settings["bf16"],
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        adapter_dtype="bfloat16",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = _trainer(trl_dpo_ext.DPOTrainer, args, base, tokenizer, rows)
+    model, data = trainer.model, trainer.train_dataset
+    model.train()
+    device = next(model.parameters()).device
+    batches = [
+        [data[i] for i in range(step * settings["batch_size"], (step + 1) * settings["batch_size"])]
+        for step in range(settings["warmup"] + settings["steps"])
+    ]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings["bf16"])
+    tokens = 0
+    with PeakRSS() as rss:
+        for step, batch in enumerate(batches):
+            if step == settings["warmup"]:
+                _synchronize()
+                start, tokens = time.perf_counter(), 0
+            for row in batch:
+                ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"] + row["rejected_ids"]], device=device)
+                with autocast:
+                    model(input_ids=ids, labels=ids).loss.backward()
+                # TRL's num_tokens, so tokens/s compares with the trainers': prompt + answer of both sequences.
+                tokens += 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+            model.zero_grad(set_to_none=True)
+        _synchronize()
+        elapsed = time.perf_counter() - start
+    result = {"impl": "limit", "steps_per_second": settings["steps"] / elapsed, "tokens_per_second": tokens / elapsed}
+    result["peak_rss_mib"] = rss.peak / 2**20
+    if torch.cuda.is_available():
+        result["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _trainer(trainer_class, args, base, tokenizer, rows: list[dict]):
     from datasets import Dataset
     from peft import LoraConfig
 
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    return trainer_class(
+        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
+    )
+
+
+def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settings: dict) -> dict:
+    """Train `warmup + steps` steps with one trainer and measure the timed steps."""
+    import trl
+
     import trl_dpo_ext
 
+    if impl == "limit":
+        return run_limit(base, tokenizer, rows, settings) | {"workload": workload}
     ours = impl == "ours"
     config_class, trainer_class = (
         (trl_dpo_ext.DPOConfig, trl_dpo_ext.DPOTrainer) if ours else (trl.DPOConfig, trl.DPOTrainer)
@@ -166,11 +234,8 @@ def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settin
         **flags,
         **({"ref_cache_dir": settings["cache_dir"]} if ours else {}),
     )
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     timer = StepTimer(settings["warmup"])
-    trainer = trainer_class(
-        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
-    )
+    trainer = _trainer(trainer_class, args, base, tokenizer, rows)
     trainer.add_callback(timer.callback)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -269,15 +334,17 @@ def run_cpu(args) -> list[dict]:
     cold, warm = ("s", "t") if real else ("a", "c")
     # Untimed: build the reference cache for the warm workload (same rows, model and flags as its timed runs).
     spawn(args, "ours", warm)
-    runs = [("stock", cold), ("ours", cold), ("ours", warm)] + ([] if real else [("stock", "b"), ("ours", "b")])
+    runs = [("limit", cold), ("stock", cold), ("ours", cold), ("ours", warm)]
+    runs += [] if real else [("limit", "b"), ("stock", "b"), ("ours", "b")]
     results = []
     for repeat in range(args.repeats):
         for impl, workload in runs:
             result = spawn(args, impl, workload) | {"repeat": repeat, "shape": args.model}
             results.append(result)
             print(json.dumps(result), flush=True)
-    # The warm workload is compared with stock's cold runs: stock has no cache, so its two configs are the same.
-    results += [r | {"workload": warm} for r in results if r["impl"] == "stock" and r["workload"] == cold]
+    # The warm workload is compared with stock's cold runs and the cold limit: neither has a reference to cache, so
+    # their two configs are the same.
+    results += [r | {"workload": warm} for r in results if r["impl"] in ("stock", "limit") and r["workload"] == cold]
     return results
 
 
@@ -358,9 +425,10 @@ def fits(shape: str, sequence_length: int, budget_gib: float, impl: str, tokeniz
 def table(results: list[dict], memory_key: str) -> str:
     keys = sorted({(r.get("shape", "tiny-32k"), r.get("sequence_length"), r["workload"]) for r in results}, key=str)
     lines = [
-        "| model | seq len | workload | stock steps/s | ours steps/s | steps/s ratio | stock tokens/s "
-        f"| ours tokens/s | stock peak {memory_key} | ours peak {memory_key} | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | seq len | workload | stock steps/s | ours steps/s | steps/s ratio | limit steps/s | ours/limit "
+        f"| stock/limit | stock tokens/s | ours tokens/s | stock peak {memory_key} | ours peak {memory_key} "
+        "| memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, length, workload in keys:
         rows = {
@@ -372,7 +440,7 @@ def table(results: list[dict], memory_key: str) -> str:
                 and r.get("shape", "tiny-32k") == shape
                 and r.get("sequence_length") == length
             ]
-            for impl in ("stock", "ours")
+            for impl in ("stock", "ours", "limit")
         }
         by_repeat = {impl: {r["repeat"]: r for r in rows[impl]} for impl in rows}
         ratios = [
@@ -389,10 +457,20 @@ def table(results: list[dict], memory_key: str) -> str:
         def median(impl, key, rows=rows):
             return statistics.median(r[key] for r in rows[impl])
 
+        def of_limit(impl, by_repeat=by_repeat):  # median of per-repeat shares, like the ratio column
+            shares = [
+                by_repeat[impl][k]["steps_per_second"] / by_repeat["limit"][k]["steps_per_second"]
+                for k in by_repeat[impl]
+                if k in by_repeat["limit"]
+            ]
+            return f"{100 * statistics.median(shares):.0f} %" if shares else "-"
+
+        limit = f"{median('limit', 'steps_per_second'):.3f}" if rows["limit"] else "-"
         lines.append(
             f"| {shape} | {length or '-'} | ({workload}) {WORKLOADS[workload][0]} "
             f"| {median('stock', 'steps_per_second'):.3f} | {median('ours', 'steps_per_second'):.3f} "
-            f"| **{statistics.median(ratios):.2f}×** | {median('stock', 'tokens_per_second'):.0f} "
+            f"| **{statistics.median(ratios):.2f}×** | {limit} | {of_limit('ours')} | {of_limit('stock')} "
+            f"| {median('stock', 'tokens_per_second'):.0f} "
             f"| {median('ours', 'tokens_per_second'):.0f} | {median('stock', memory_key):.0f} "
             f"| {median('ours', memory_key):.0f} | {statistics.median(memory_ratios):.2f} |"
         )
@@ -424,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "trl_dpo_ext_bench")
     parser.add_argument("--out", type=Path, default=None, help="write the results (JSON) and table (markdown) here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=["stock", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["stock", "ours", "limit"], help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (4 if args.device == "cpu" else 2)

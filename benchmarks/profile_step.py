@@ -1,0 +1,202 @@
+"""Where a training step of ours goes on the CPU (issue #18): torch profiler over timed steps, grouped two ways.
+
+    python benchmarks/profile_step.py                      # workload (a) prompt-heavy, cold reference
+    python benchmarks/profile_step.py --workload c         # (a) with a warm reference cache
+    python benchmarks/profile_step.py --out benchmarks/results
+
+The model, data and `DPOConfig` are `bench_throughput.py`'s (the 32k-vocabulary NF4 Llama, batch 4, ~100 tokens per
+sequence, fp32, LoRA r=16 all-linear). Two tables, both as a share of the profiled steps' wall time:
+
+- **regions** (inclusive time, so a region holds the ops it ran): the collator, building the 4D layout mask (once
+  per forward: policy and reference), the reference forward, metric gathering, the optimizer step — marked with
+  `record_function` by wrapping those functions here, not in the library;
+- **op classes** (self time of every op, forward and backward): attention (SDPA), the 4-bit weight dequantization,
+  matrix products, the LM head's own autograd function (self time only: its matmuls count as matrix products), dtype
+  casts and copies, elementwise ops, the rest.
+"""
+
+import argparse
+import functools
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_throughput import (  # noqa: E402
+    CPU_MODEL,
+    WORKLOADS,
+    _trainer,
+    preference_rows,
+    prepare_cpu,
+)
+
+
+# Self-time op classes, first match wins. Backward nodes carry their forward op's name.
+OP_CLASSES = [
+    ("attention (SDPA, fwd + bwd)", r"scaled_dot_product|ScaledDotProduct|_efficient_attention|flash_attention"),
+    ("4-bit dequantize (bitsandbytes)", r"bitsandbytes|dequantize|quantize_4bit"),
+    ("matrix products (mm, addmm, bmm, linear)", r"aten::(mm|addmm|bmm|matmul|linear)$|MmBackward|AddmmBackward"),
+    # TRL's fused LM head (`fused_lm_head=True`) never calls the lm_head module: its own chunked autograd function.
+    ("LM head (TRL's chunked log-prob, fwd + bwd)", r"ChunkedLogProb|log_softmax|logsumexp|LogSoftmax"),
+    ("dtype casts and copies", r"aten::(to|_to_copy|copy_|contiguous|clone)$"),
+    ("elementwise (mul, add, silu, rms norm, ...)", r"aten::(mul|add|sub|div|silu|pow|rsqrt|mean|neg|cat|where)"),
+]
+
+
+def _mark(owner, name: str, label: str) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def marked(*args, **kwargs):
+        with record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(owner, name, marked)
+
+
+def mark_regions(trainer) -> list[str]:
+    """Wrap the functions whose inclusive time the region table reports; returns the labels."""
+    import trl_dpo_ext.logps as logps
+    import trl_dpo_ext.reference as reference
+    from trl_dpo_ext.collator import PreferenceCollator
+
+    _mark(PreferenceCollator, "torch_call", "## collator")
+    _mark(logps, "_layout_mask", "## layout mask (4D, per forward)")
+    _mark(reference.Reference, "token_logps", "## reference forward")
+    _mark(type(trainer), "_record_metrics", "## metrics (gather + record)")
+    _mark(type(trainer), "training_step", "## training_step (forward + backward)")
+    return [
+        "## training_step (forward + backward)",
+        "## reference forward",
+        "## layout mask (4D, per forward)",
+        "## collator",
+        "## metrics (gather + record)",
+        "## optimizer step",
+    ]
+
+
+def _enter(label: str):
+    context = record_function(label)
+    context.__enter__()
+    return context
+
+
+def _exit(context) -> None:
+    context.__exit__(None, None, None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=["a", "b", "c"], default="a")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "trl_dpo_ext_bench")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    import trl_dpo_ext
+    from trl_dpo_ext.models import keep_fp32_cpu_kernels, nf4_config
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    prepare_cpu(args)
+    model_dir = args.workdir / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(torch.float32))
+    keep_fp32_cpu_kernels(base)
+    batch, total = 4, args.warmup + args.steps
+    rows = preference_rows(batch * total, 100, WORKLOADS[args.workload][1], CPU_MODEL["vocab_size"], seed=1)
+    warm = args.workload == "c"
+    config = trl_dpo_ext.DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="profile-"),
+        per_device_train_batch_size=batch,
+        max_length=150,
+        max_steps=total,
+        learning_rate=1e-4,
+        logging_steps=1,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        share_prompt=True,
+        ref_cache=warm,
+        ref_cache_dir=str(args.workdir / "ref_cache"),
+        adapter_dtype="bfloat16",
+    )
+    trainer = _trainer(trl_dpo_ext.DPOTrainer, config, base, tokenizer, rows)
+    labels = mark_regions(trainer)
+
+    schedule = torch.profiler.schedule(wait=args.warmup, warmup=0, active=args.steps, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule) as prof:
+
+        class Step(TrainerCallback):
+            def on_pre_optimizer_step(self, *a, **k):
+                self.optimizer_range = _enter("## optimizer step")
+
+            def on_optimizer_step(self, *a, **k):
+                _exit(self.optimizer_range)
+
+            def on_step_end(self, *a, **k):
+                prof.step()
+
+        trainer.add_callback(Step())
+        trainer.train()
+    events = prof.key_averages()
+    step_us = None
+    rows_out = {}
+    for event in events:
+        if event.key.startswith("ProfilerStep#"):
+            step_us = (step_us or 0) + event.cpu_time_total
+        if event.key in labels:
+            rows_out[event.key] = event.cpu_time_total
+    # ProfilerStep#N runs from one step's end to the next: data loading, collator, forward, backward, optimizer.
+    step_us = step_us or sum(e.self_cpu_time_total for e in events)
+    classes = dict.fromkeys([name for name, _ in OP_CLASSES] + ["other ops"], 0.0)
+    for event in (e for e in events if not e.key.startswith(("ProfilerStep#", "## "))):
+        name = next((n for n, pattern in OP_CLASSES if re.search(pattern, event.key)), "other ops")
+        classes[name] += event.self_cpu_time_total
+    ms_per_step = step_us / 1000 / args.steps
+    lines = [
+        f"workload ({args.workload}) {WORKLOADS[args.workload][0]} · {args.steps} profiled steps after {args.warmup} "
+        f"· {ms_per_step:.0f} ms per step under the profiler · torch {torch.__version__}",
+        "",
+        "| region (inclusive) | ms / step | share of step |",
+        "|---|---|---|",
+    ]
+    for label in labels:
+        value = rows_out.get(label, 0.0)
+        lines.append(f"| {label[3:]} | {value / 1000 / args.steps:.0f} | {100 * value / step_us:.1f} % |")
+    lines += ["", "| op class (self time, fwd + bwd) | ms / step | share of step |", "|---|---|---|"]
+    for name, value in classes.items():
+        lines.append(f"| {name} | {value / 1000 / args.steps:.0f} | {100 * value / step_us:.1f} % |")
+    ops = [e for e in events if not e.key.startswith(("ProfilerStep#", "## "))]
+    top = sorted(ops, key=lambda e: -e.self_cpu_time_total)
+    lines += ["", "| top ops by self time | ms / step | share of step |", "|---|---|---|"]
+    for event in top[:12]:
+        lines.append(
+            f"| `{event.key}` | {event.self_cpu_time_total / 1000 / args.steps:.0f} "
+            f"| {100 * event.self_cpu_time_total / step_us:.1f} % |"
+        )
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"profile_cpu_{args.workload}.md").write_text(
+            f"`python benchmarks/profile_step.py --workload {args.workload}`\n\n" + report + "\n"
+        )
+        (args.out / f"profile_cpu_{args.workload}.json").write_text(
+            json.dumps({"ms_per_step": ms_per_step, "regions_us": rows_out, "op_classes_us": classes}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
