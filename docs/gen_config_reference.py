@@ -13,7 +13,9 @@ from pathlib import Path
 
 from trl_dpo_ext.cli import MergeArguments, PairsArguments, PlotArguments, ScoreArguments
 from trl_dpo_ext.config import DPOConfig, QLoRAModelConfig, RecipeArguments
+from trl_dpo_ext.iterative import IterativeDPOConfig
 from trl_dpo_ext.ppo_compat import PPOConfig
+from trl_dpo_ext.train_iterative import IterativeArguments
 
 
 DOC = Path(__file__).parent / "config_reference.md"
@@ -24,6 +26,8 @@ SECTIONS = [
     (QLoRAModelConfig, "`trl-dpo-ext dpo`, `recipes/dpo_qlora.py`, YAML", "the other fields of `trl.ModelConfig`"),
     (RecipeArguments, "`trl-dpo-ext dpo`, `recipes/dpo_qlora.py`, YAML", None),
     (PPOConfig, "`recipes/ppo_to_dpo.py`, YAML", "every field of `trl_dpo_ext.DPOConfig`"),
+    (IterativeDPOConfig, "`trl-dpo-ext iterative`, YAML", "every field of `trl_dpo_ext.DPOConfig`"),
+    (IterativeArguments, "`trl-dpo-ext iterative`, YAML", None),
     (PairsArguments, "`trl-dpo-ext pairs`", None),
     (MergeArguments, "`trl-dpo-ext merge`", None),
     (ScoreArguments, "`trl-dpo-ext score`", None),

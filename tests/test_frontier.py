@@ -1,6 +1,7 @@
 """The reward-vs-KL benchmark end to end in its quick mode, and the ground-truth reward it rests on."""
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -14,6 +15,9 @@ import pytest
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from frontier import expected_best_of_k  # noqa: E402
+from frontier import main as frontier_main  # noqa: E402
+from frontier_report import aggregate_seeds  # noqa: E402
 from frontier_task import make_corpus, make_prompts, review_score, sentiment_reward  # noqa: E402
 
 
@@ -32,6 +36,36 @@ def test_corpus_and_prompts_are_seeded_and_held_out_prompts_are_disjoint():
     assert len(set(train)) == 50 and not set(train) & set(heldout)
 
 
+def test_best_of_k_estimate_is_the_mean_best_over_all_k_subsets():
+    scores = [0.2, 0.9, 0.5, 0.5, 0.1]
+    for k in range(1, 6):
+        subsets = list(itertools.combinations(scores, k))
+        assert expected_best_of_k(scores, k) == pytest.approx(sum(map(max, subsets)) / len(subsets), abs=1e-15)
+    assert expected_best_of_k(scores, 1) == pytest.approx(sum(scores) / 5) and expected_best_of_k(scores, 5) == 0.9
+    with pytest.raises(ValueError, match="best-of-6 needs 1 <= k <= the 5 samples"):
+        expected_best_of_k(scores, 6)
+
+
+def test_seeds_aggregate_to_their_mean_with_the_standard_error_over_seeds():
+    def run(seed: int, reward: float, kl: float) -> dict:
+        point = {"method": "DPO", "setting": "β=1", "checkpoint": "end", "final": True, "step": 10 + seed,
+                 "reward": reward, "reward_sem": 0.5, "kl": kl, "kl_sem": 0.5}  # fmt: skip
+        pairs = {"count": 100 + seed, "prompts": 128, "score_chosen": 0.7, "score_rejected": 0.3, "data_seconds": 1.0}
+        return {"seed": seed, "points": [point], "pairs": pairs, "sft_seconds": 3.0, "total_seconds": 9.0}
+
+    merged = aggregate_seeds([run(0, 0.5, 1.0), run(1, 0.6, 2.0), run(2, 0.7, 6.0)])
+    (point,) = merged["points"]
+    assert point["reward"] == pytest.approx(0.6) and point["kl"] == pytest.approx(3.0)
+    # Standard error over the 3 seeds: sample standard deviation / √3 (0.1 and √7 here), not the points' own 0.5.
+    assert point["reward_sem"] == pytest.approx(0.1 / math.sqrt(3)) and point["kl_sem"] == pytest.approx(
+        math.sqrt(7 / 3)
+    )
+    assert point["reward_seeds"] == [0.5, 0.6, 0.7] and point["seeds"] == 3 and point["step"] == 11
+    assert merged["pairs"]["count"] == 101 and merged["seed_seconds"] == {"0": 9.0, "1": 9.0, "2": 9.0}
+    # One seed: the point's own standard error over its samples.
+    assert aggregate_seeds([run(0, 0.5, 1.0)])["points"][0]["reward_sem"] == 0.5
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> Path:
     """`python benchmarks/frontier.py --quick --out DIR`, as a user runs it (about a minute on a 2-core CPU)."""
@@ -46,34 +80,56 @@ def quick_run(tmp_path_factory) -> Path:
 
 def test_quick_run_writes_every_output_and_they_agree(quick_run):
     results = json.loads((quick_run / "frontier.json").read_text())
-    assert results["mode"] == "quick"
+    assert results["mode"] == "quick" and results["seeds"] == [0]
     points = results["points"]
-    assert {p["method"] for p in points} == {"SFT", "DPO", "RLOO", "Preferred-FT"}
+    assert {p["method"] for p in points} == {"SFT", "best-of-k", "DPO", "iterative DPO", "RLOO", "Preferred-FT"}
     for method in ("DPO", "RLOO", "Preferred-FT"):  # evaluated halfway and at the end
-        steps = [(p["step"], p["max_steps"]) for p in points if p["method"] == method]
-        assert [step for step, _ in steps] == [steps[0][1] // 2, steps[0][1]]
+        steps = [(p["checkpoint"], p["step"], p["final"]) for p in points if p["method"] == method]
+        assert [(c, f) for c, _, f in steps] == [("half", False), ("end", True)] and steps[0][1] == steps[1][1] // 2
+    iterative = [p for p in points if p["method"] == "iterative DPO"]  # evaluated after each of its 2 rounds
+    assert [(p["checkpoint"], p["final"]) for p in iterative] == [("round 1", False), ("round 2", True)]
+    assert 0 < iterative[0]["step"] < iterative[1]["step"]  # steps counted across rounds
+    # The per-seed record is what was aggregated (one seed: the same points).
+    assert json.loads((quick_run / "seed.json").read_text())["points"] == results["per_seed"][0]["points"]
 
     rows = list(csv.DictReader((quick_run / "frontier.csv").open()))
-    assert [(r["method"], r["setting"], int(r["step"])) for r in rows] == [
-        (p["method"], p["setting"], p["step"]) for p in points
+    assert [(r["method"], r["setting"], r["checkpoint"]) for r in rows] == [
+        (p["method"], p["setting"], p["checkpoint"]) for p in points
     ]
     assert [float(r["reward"]) for r in rows] == pytest.approx([p["reward"] for p in points])
 
     markdown = (quick_run / "frontier.md").read_text()
-    assert markdown.count("\n| DPO | β=") == 2 and "## Does DPO's frontier dominate RLOO's?" in markdown
+    assert markdown.count("\n| DPO | β=") == 2 and markdown.count("\n| iterative DPO | β=") == 2
+    for a, b in [("DPO", "RLOO"), ("RLOO", "DPO"), ("iterative DPO", "DPO"), ("iterative DPO", "RLOO")]:
+        assert f"## Does {a}'s frontier dominate {b}'s?" in markdown
+    assert "\n| iterative DPO | 1 |" in markdown  # the compute table: one finished run
     assert (quick_run / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_only_rewrites_the_same_outputs_from_the_seed_record(quick_run, tmp_path):
+    for name in ("frontier.json", "seed.json"):
+        (tmp_path / name).write_bytes((quick_run / name).read_bytes())
+    frontier_main(["--report_only", "--out", str(tmp_path)])
+    assert (tmp_path / "frontier.md").read_text() == (quick_run / "frontier.md").read_text()
+    assert (tmp_path / "frontier.csv").read_text() == (quick_run / "frontier.csv").read_text()
 
 
 def test_quick_run_measures_what_it_claims(quick_run):
     points = json.loads((quick_run / "frontier.json").read_text())["points"]
     sft = points[0]
     assert sft["method"] == "SFT" and sft["kl"] == 0.0  # π = π_ref exactly: a fresh LoRA adds nothing
-    trained = points[1:]
+    trained = [p for p in points if p["method"] not in ("SFT", "best-of-k")]
     assert all(p["kl"] > 0 and 0 < p["reward"] < 1 and p["train_seconds"] > 0 for p in trained)
-    rloo = [p for p in trained if p["method"] == "RLOO"]
-    assert rloo[0]["train_gen_tokens"] < rloo[1]["train_gen_tokens"] and all(p["data_gen_tokens"] == 0 for p in rloo)
-    offline = [p for p in trained if p["method"] != "RLOO"]
+    for method in ("RLOO", "iterative DPO"):  # on-policy: they sample while training, and build no pairs beforehand
+        online = [p for p in trained if p["method"] == method]
+        assert 0 < online[0]["train_gen_tokens"] < online[1]["train_gen_tokens"]
+        assert all(p["data_gen_tokens"] == 0 for p in online)
+    offline = [p for p in trained if p["method"] in ("DPO", "Preferred-FT")]
     assert all(p["train_gen_tokens"] == 0 and p["data_gen_tokens"] > 0 for p in offline)
+    # Best-of-k: k samples of π_ref per query, its KL the bound log k − (k−1)/k; more samples, no less reward.
+    bok = [p for p in points if p["method"] == "best-of-k"]
+    assert [(p["samples_per_query"], p["kl"]) for p in bok] == [(k, math.log(k) - (k - 1) / k) for k in (2, 4)]
+    assert bok[0]["reward"] <= bok[1]["reward"] and all(p["train_seconds"] == 0 for p in bok)
 
 
 def test_dpo_raises_heldout_reward_over_the_sft_model(quick_run):

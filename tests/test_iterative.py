@@ -101,6 +101,30 @@ def test_finished_rounds_are_not_overwritten_without_resume(tiny_dir, tokenizer,
     assert again.train(resume_from_checkpoint=True) == []  # nothing left to do
 
 
+def test_prompts_per_round_takes_the_next_slice_each_round(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    prompts = [f"{row['prompt']} ({i})" for i, row in enumerate(PAIRS * 2)]  # 8 distinct prompts
+    seen = []
+
+    def recording(policy, tokenizer, prompts, **kwargs):
+        seen.append(list(prompts))
+        pair = {"chosen": " yes", "rejected": " no", "score_chosen": 1.0, "score_rejected": 0.0}
+        return Dataset.from_list([{"prompt": p, **pair} for p in prompts])
+
+    monkeypatch.setattr(iterative, "build_preference_pairs", recording)
+    torch.manual_seed(0)
+    model = load_qlora_model(tiny_dir, LORA)
+
+    def config(count: int) -> IterativeDPOConfig:
+        settings = {**SETTINGS, "num_rounds": 3, "max_steps": 1, "prompts_per_round": count}
+        return IterativeDPOConfig(output_dir=str(tmp_path / f"run-{count}"), **settings)
+
+    summary = IterativeDPOTrainer(model, config(3), prompts, tokenizer, reward_fn=longer_reward).train()
+    assert seen == [prompts[0:3], prompts[3:6], [*prompts[6:8], prompts[0]]]  # in order, wrapping around
+    assert [row["pairs"] for row in summary] == [3, 3, 3]
+    with pytest.raises(ValueError, match=r"`prompts_per_round` \(9\) exceeds the 8 prompts"):
+        IterativeDPOTrainer(model, config(9), prompts, tokenizer, reward_fn=longer_reward)
+
+
 def test_bad_settings_are_named(tiny_dir, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="`num_rounds` must be >= 1, got 0"):
         IterativeDPOConfig(output_dir=str(tmp_path), num_rounds=0, bf16=False)
@@ -108,6 +132,8 @@ def test_bad_settings_are_named(tiny_dir, tokenizer, tmp_path):
         IterativeDPOConfig(output_dir=str(tmp_path), num_samples=1, bf16=False)
     with pytest.raises(ValueError, match="`temperature` must be a finite number > 0, got nan"):
         IterativeDPOConfig(output_dir=str(tmp_path), temperature=float("nan"), bf16=False)
+    with pytest.raises(ValueError, match="`prompts_per_round` must be >= 1 or None, got 0"):
+        IterativeDPOConfig(output_dir=str(tmp_path), prompts_per_round=0, bf16=False)
     with pytest.raises(ValueError, match="Pass exactly one of `reward_fn` and `reward_model`"):
         IterativeDPOTrainer(None, IterativeDPOConfig(output_dir=str(tmp_path), bf16=False), PROMPTS, tokenizer)
 

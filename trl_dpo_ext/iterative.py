@@ -75,6 +75,10 @@ class IterativeDPOConfig(DPOConfig):
             Prompts per batched `generate` call.
         missing_eos_penalty (`float`, *optional*):
             Subtracted from the score of a reply that does not end within `max_new_tokens` (PPO's rule).
+        prompts_per_round (`int`, *optional*):
+            Prompts sampled per round: round r takes the next `prompts_per_round` of the prompts, in order, wrapping
+            around. `None`: every prompt, every round. `len(prompts) // num_rounds` gives R rounds the pairs, steps
+            and generated tokens of one offline DPO epoch over the prompts.
     """
 
     num_rounds: int = field(default=2, metadata={"help": "Rounds of sample -> score -> DPO."})
@@ -86,6 +90,10 @@ class IterativeDPOConfig(DPOConfig):
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per batched generate call."})
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of a reply that does not end within the budget."}
+    )
+    prompts_per_round: int | None = field(
+        default=None,
+        metadata={"help": "Prompts per round: the next slice of the prompts each round, wrapping around. None: all."},
     )
 
     def __post_init__(self):
@@ -99,6 +107,8 @@ class IterativeDPOConfig(DPOConfig):
             raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
         if self.generation_batch_size < 1:
             raise ValueError(f"`generation_batch_size` must be >= 1, got {self.generation_batch_size}.")
+        if self.prompts_per_round is not None and self.prompts_per_round < 1:
+            raise ValueError(f"`prompts_per_round` must be >= 1 or None, got {self.prompts_per_round}.")
         if self.precompute_ref_log_probs:
             # TRL precomputes once, in the constructor, for the data it was given; each round brings new pairs.
             raise ValueError("`precompute_ref_log_probs` precomputes one dataset; with rounds, use `ref_cache=True`.")
@@ -141,6 +151,13 @@ class IterativeDPOTrainer:
             raise TypeError(f"args must be an IterativeDPOConfig, got {type(args).__name__}")
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("Pass exactly one of `reward_fn` and `reward_model`.")
+        if not isinstance(prompts, Dataset):
+            prompts = list(prompts)
+        if args.prompts_per_round is not None and args.prompts_per_round > len(prompts):
+            raise ValueError(
+                f"`prompts_per_round` ({args.prompts_per_round}) exceeds the {len(prompts)} prompts: a round would "
+                "sample a prompt twice."
+            )
         self.args, self.prompts = args, prompts
         self.reward_fn, self.reward_model, self.stop_token_id = reward_fn, reward_model, stop_token_id
         self.output_dir = Path(args.output_dir)
@@ -168,6 +185,14 @@ class IterativeDPOTrainer:
 
     def round_done(self, round_: int) -> bool:
         return (self.round_dir(round_) / DONE_FILE).is_file()
+
+    def prompts_for_round(self, round_: int):
+        """The prompts round `round_` samples: all of them, or its slice of `prompts_per_round` (wrapping around)."""
+        count = self.args.prompts_per_round
+        if count is None:
+            return self.prompts
+        rows = [((round_ - 1) * count + i) % len(self.prompts) for i in range(count)]
+        return self.prompts.select(rows) if isinstance(self.prompts, Dataset) else [self.prompts[i] for i in rows]
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict]:
         """
@@ -224,7 +249,7 @@ class IterativeDPOTrainer:
                 pairs = build_preference_pairs(
                     policy,
                     self.tokenizer,
-                    self.prompts,
+                    self.prompts_for_round(round_),
                     reward_fn=self.reward_fn,
                     reward_model=self.reward_model,
                     k=self.args.num_samples,
