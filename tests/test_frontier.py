@@ -1,6 +1,7 @@
 """The reward-vs-KL benchmark end to end in its quick mode, and the ground-truth reward it rests on."""
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -10,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import frontier  # noqa: E402
 from frontier import expected_best_of_k  # noqa: E402
 from frontier import main as frontier_main  # noqa: E402
 from frontier_report import aggregate_seeds  # noqa: E402
@@ -138,3 +141,29 @@ def test_dpo_raises_heldout_reward_over_the_sft_model(quick_run):
     dpo = [p for p in points if p["method"] == "DPO"][-1]
     noise = 2 * math.hypot(sft["reward_sem"], dpo["reward_sem"])
     assert dpo["reward"] - sft["reward"] > noise, (sft, dpo)
+
+
+def test_real_model_mode_runs_smollm2_as_pi_ref_at_ci_size(smollm2_dir, monkeypatch):
+    """`--real_model`'s pipeline (SmolLM2 as π_ref, no SFT) end to end, its sizes cut to CI's: 8 prompts, 2 rounds."""
+    monkeypatch.setattr(frontier, "smollm2_path", lambda: Path(smollm2_dir))
+    # k = 8: most of SmolLM2's continuations use no lexicon word, and a prompt whose 8 samples all tie gives no pair.
+    small = dataclasses.replace(
+        frontier.SMOLLM2, train_prompts=8, heldout_prompts=2, eval_samples=2, dpo_betas=(), k=8, max_new_tokens=12,
+        dpo_epochs=1, batch_size=4, bok_ks=(2,), bok_samples=2,
+    )  # fmt: skip
+    torch.set_num_threads(2)
+    run = frontier.run_seed(small)
+    assert run["sft_seconds"] == 0.0 and run["pairs"]["count"] > 0  # no SFT: π_ref is the pretrained model
+    points = {(p["method"], p["checkpoint"]): p for p in run["points"]}
+    assert set(points) == {
+        ("SFT", "end"),
+        ("best-of-k", "end"),
+        ("iterative DPO", "round 1"),
+        ("iterative DPO", "round 2"),
+    }
+    assert points["SFT", "end"]["kl"] == 0.0
+    assert (
+        0
+        < points["iterative DPO", "round 1"]["train_gen_tokens"]
+        < points["iterative DPO", "round 2"]["train_gen_tokens"]
+    )
