@@ -250,9 +250,10 @@ def evaluate(model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompts: list
             ids = [tokenizer(p, add_special_tokens=False).input_ids for p in chunk]
             width = max(map(len, ids))
             prompt_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids]).repeat_interleave(s.eval_samples, 0)
+            prompt_mask = (prompt_ids != pad).long()
             out = sampler.generate(
                 input_ids=prompt_ids,
-                attention_mask=(prompt_ids != pad).long(),
+                attention_mask=prompt_mask,
                 max_new_tokens=s.max_new_tokens,
                 do_sample=True,
                 temperature=1.0,
@@ -261,9 +262,8 @@ def evaluate(model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompts: list
                 eos_token_id=eos,
                 pad_token_id=pad,
             )
-            samples.append((chunk, prompt_ids, width, out))
-    for chunk, prompt_ids, width, out in samples:
-        prompt_mask = (prompt_ids != pad).long()
+            samples.append((chunk, prompt_mask, width, out))
+    for chunk, prompt_mask, width, out in samples:
         completion = out[:, width:]
         # The completion is every token up to and including the first stop token; `generate` pads after it.
         is_eos = (completion == eos).long()
@@ -289,8 +289,8 @@ def completion_logps(model, input_ids, attention_mask, position_ids, width: int)
 
 class FrontierProbe(TrainerCallback):
     """
-    Evaluates π halfway through training and at the last step, or (`per_round=True`, iterative DPO) at the last step
-    of each round. The evaluation's time is kept out of the training wall time, and its sampling out of the
+    Evaluates π halfway through training and at the last step, or (`rounds` given, iterative DPO) at the last step of
+    each round. The evaluation's time is kept out of the training wall time, and its sampling out of the
     training's random stream (it runs in a forked RNG).
 
     Args:
@@ -624,7 +624,6 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": asdict(replace(base, seed=seeds[0])) | {"seed": seeds},
         "seeds": seeds,
         "jobs": cli.jobs,
-        "threads": cli.threads,
         "total_seconds": time.perf_counter() - started,
         "environment": environment(),
         **aggregate_seeds(per_seed),

@@ -132,9 +132,9 @@ def method_costs(points: list[dict]) -> list[dict]:
             {
                 "method": method,
                 "runs": len(final),
-                "seconds": mean([p.get("train_seconds", 0) + p.get("data_seconds", 0) for p in final]),
-                "train_seconds": mean([p.get("train_seconds", 0) for p in final]),
-                "gen_tokens": mean([p.get("train_gen_tokens", 0) + p.get("data_gen_tokens", 0) for p in final]),
+                "seconds": mean([p["train_seconds"] + p["data_seconds"] for p in final]),
+                "train_seconds": mean([p["train_seconds"] for p in final]),
+                "gen_tokens": mean([p["train_gen_tokens"] + p["data_gen_tokens"] for p in final]),
                 "samples_per_query": [p.get("samples_per_query", 1) for p in final],
                 "inference_gen_tokens": [p.get("inference_gen_tokens", 0) for p in final],
             }
@@ -178,19 +178,20 @@ def write_outputs(results: dict, out: Path) -> None:
         writer.writerows(points)
     with atomic_write(out / "frontier.md") as handle:
         handle.write(markdown(results))
-    seeds = len(results.get("seeds", [0]))
-    plot(points, out / "frontier.png", title=f"Reward vs KL ({results['mode']} mode, {seeds} seed(s))")
+    title = f"Reward vs KL ({results['mode']} mode, {len(results['seeds'])} seed(s))"
+    plot(points, out / "frontier.png", title=title)
 
 
 def markdown(results: dict) -> str:
     """The results table, the frontier comparisons and each method's cost, as markdown."""
     pairs, seeds = results["pairs"], results["seeds"]
     seed_times = ", ".join(f"seed {k} {v / 60:.1f} min" for k, v in results["seed_seconds"].items())
+    threads = results["environment"]["torch_threads"]
     lines = [
         f"# Reward-vs-KL frontier ({results['mode']} mode)",
         "",
         f"Command: `{results['command']}`; wall time {results['total_seconds'] / 60:.1f} min for {len(seeds)} "
-        f"seed(s) {seeds}, {results['jobs']} at a time, {results.get('threads', 1)} thread(s) each ({seed_times}; "
+        f"seed(s) {seeds}, {results['jobs']} at a time, {threads} thread(s) each ({seed_times}; "
         f"π_ref: {results['sft_seconds']:.0f} s; pairs {pairs['data_seconds']:.0f} s). "
         f"Environment: {', '.join(f'{k} {v}' for k, v in results['environment'].items())}.",
         "",
