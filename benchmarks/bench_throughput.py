@@ -18,8 +18,9 @@ The adapter weights are bf16 in both trainers here (ours with `adapter_dtype="bf
 run the same config; what fp32 masters cost is measured by `benchmarks/adapter_dtype.py`.
 
 The limit row (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens
-(`prompt + chosen + rejected`, one causal row per pair; no reference forward, trainer, mask or optimizer), measured in
-the same run; the tables give ours/limit and stock/limit beside ours/stock.
+(`prompt + chosen + rejected`, one causal row per pair, the LM head over the answer positions only; no reference
+forward, trainer, mask or optimizer), measured in the same run; the tables give ours/limit and stock/limit beside
+ours/stock.
 
 Runs alternate limit / stock / ours within each repeat; the table gives medians over repeats and the median of the
 per-repeat ratios. On the CPU every run is its own process so that its peak RSS is its own. Tokens/s counts the same
@@ -142,11 +143,13 @@ class PeakRSS:
 def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
     """
     The limit (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens,
-    `prompt + chosen + rejected` in one causal row per pair — no reference forward, no trainer, no mask, no optimizer.
-    The rows are tokenized by our trainer (same truncation, chat template), and the model is the one it wraps (same
-    LoRA, same adapter dtype), so the limit computes exactly the tokens ours must compute for the policy.
+    `prompt + chosen + rejected` in one causal row per pair, with the LM head and its log-softmax over the answer
+    positions only (the only log-probs DPO reads) — no reference forward, no trainer, no mask, no optimizer. The rows
+    are tokenized by our trainer (same truncation, chat template), and the model is the one it wraps (same LoRA, same
+    adapter dtype), so the limit computes exactly what ours must compute for the policy.
     """
     import trl_dpo_ext
+    from trl_dpo_ext.models import base_model
 
     args = trl_dpo_ext.DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-"),
@@ -160,6 +163,8 @@ def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
     trainer = _trainer(trl_dpo_ext.DPOTrainer, args, base, tokenizer, rows)
     model, data = trainer.model, trainer.train_dataset
     model.train()
+    pretrained = base_model(model)  # peft's LoRA layers sit inside its backbone
+    backbone, head = pretrained.base_model, pretrained.get_output_embeddings()
     device = next(model.parameters()).device
     batches = [
         [data[i] for i in range(step * settings["batch_size"], (step + 1) * settings["batch_size"])]
@@ -174,8 +179,10 @@ def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
                 start, tokens = time.perf_counter(), 0
             for row in batch:
                 ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"] + row["rejected_ids"]], device=device)
+                first = max(len(row["prompt_ids"]) - 1, 0)  # the first position whose next token is an answer's
                 with autocast:
-                    model(input_ids=ids, labels=ids).loss.backward()
+                    hidden = backbone(input_ids=ids).last_hidden_state[0, first:-1]
+                    torch.nn.functional.cross_entropy(head(hidden).float(), ids[0, first + 1 :]).backward()
                 # TRL's num_tokens, so tokens/s compares with the trainers': prompt + answer of both sequences.
                 tokens += 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
             model.zero_grad(set_to_none=True)
@@ -487,11 +494,11 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU: the random 32k-vocabulary model "
         "on synthetic rows, or the real SmolLM2-135M-Instruct on its bundled chat pairs",
     )
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=None, help="default: 4 on CPU, 2 on GPU")
     parser.add_argument("--sequence_length", type=int, default=100, help="CPU: mean prompt + answer tokens")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--packing", action="store_true", help="ours: pack the batch into one row too")
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-1.5b", "llama3-8b"])
     parser.add_argument("--sequence_lengths", nargs="+", type=int, default=[1024, 2048])

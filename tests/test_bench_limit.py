@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import PAIRS
 
 
@@ -18,14 +17,15 @@ spec.loader.exec_module(bench)
 
 def test_limit_runs_each_pair_once_over_its_unique_tokens(load_4bit, tokenizer):
     base = load_4bit()
-    calls = []
-    original = base.forward
+    calls, head_rows = [], []
+    original = base.model.forward
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
         return original(*args, **kwargs)
 
-    base.forward = recording
+    base.model.forward = recording
+    base.lm_head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[0]))
     settings = dict(batch_size=2, max_length=64, warmup=1, steps=1, bf16=False, gradient_checkpointing=False)
     result = bench.run_limit(base, tokenizer, PAIRS, settings)
 
@@ -34,7 +34,9 @@ def test_limit_runs_each_pair_once_over_its_unique_tokens(load_4bit, tokenizer):
     eos = [tokenizer.eos_token_id]
     expected = [encode(p["prompt"]) + encode(p["chosen"]) + eos + encode(p["rejected"]) + eos for p in PAIRS]
     assert [c["input_ids"].tolist() for c in calls] == [[ids] for ids in expected]
-    assert all(torch.equal(c["labels"], c["input_ids"]) and c.get("attention_mask") is None for c in calls)
+    assert all(c.get("attention_mask") is None for c in calls)
+    # The head scores the answer tokens only: both answers with their EOS.
+    assert head_rows == [len(encode(p["chosen"])) + len(encode(p["rejected"])) + 2 for p in PAIRS[:4]]
     # Tokens/s counts TRL's num_tokens of the timed step (pairs 3 and 4): prompt + answer of both sequences.
     # Each pair's row holds the prompt once; TRL's count holds it twice.
     tokens = sum(len(row) + len(encode(p["prompt"])) for row, p in zip(expected[2:], PAIRS[2:]))

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 import trl
+from numerics import assert_within, forward_rtol
 from transformers import AutoModelForCausalLM
 
 import trl_dpo_ext
@@ -61,6 +62,29 @@ def test_fused_lm_head_returns_the_fields_we_read(tiny_dir):
     for field in private_api.FUSED_HEAD_OUTPUTS:
         assert getattr(outputs, field) is not None, field
     assert outputs.log_probs.shape == (1, 3)  # aligned with input_ids[:, 1:]
+
+
+@pytest.mark.numerics
+def test_fused_lm_head_scores_the_backbone_output_it_is_given(tiny_dir):
+    """`logps._answer_positions_only` relies on TRL's fused forward projecting the `last_hidden_state` of the model's
+    `base_model` (the backbone), and on `shift_labels` being scored as given: one label per kept position."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trl_dpo_ext.logps import _answer_positions_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    add_fused_lm_head(model, outputs=private_api.FUSED_HEAD_OUTPUTS)
+    input_ids = torch.tensor([[1, 5, 7, 9, 4], [2, 6, 8, 3, 5]])
+    answers = torch.tensor([[False, True, True, False], [False, False, False, True]])  # aligned with input_ids[:, 1:]
+    full = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+    with _answer_positions_only(model, answers):
+        kept = model(input_ids=input_ids, shift_labels=input_ids[:, 1:][answers][None], fused_lm_head=True)
+    assert kept.log_probs.shape == (1, 3)  # only the kept positions reached the head
+    rtol = forward_rtol(model.config, input_ids.size(1))  # same backbone; the head's GEMM has another height
+    for field in ("log_probs", "entropy"):
+        want = getattr(full, field)[answers]
+        assert_within(getattr(kept, field)[0], want, rtol * want.abs(), field)
+    assert torch.equal(kept.is_top1[0], full.is_top1[answers])
 
 
 def test_trl_names_the_frozen_adapter_copy_as_listed():

@@ -6,12 +6,14 @@ position t is token t+1 of the same row, so one shifted forward scores all answe
 2B answers each label belongs to.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .layout import additive_mask, block_attention_mask
 from .models import base_model
+from .private_api import FUSED_HEAD_OUTPUTS
 
 
 # Batch keys that describe the layout or carry precomputed values; everything else goes to the model.
@@ -113,29 +115,67 @@ def completion_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
         model: a causal LM patched with TRL's fused LM head (optionally wrapped by peft / accelerate).
         batch: `input_ids`, `completion_mask`, `position_ids` of shape `(rows, T)`, and either a 2D `attention_mask`
             (plain layout) or `doc_ids`/`branch_ids` (shared-prompt / packed layouts, turned into a 4D mask here).
+
+    In the shared-prompt and packed layouts only the answer positions reach the LM head (see `_answer_positions_only`);
+    the plain layout runs TRL's forward as it is, so that it matches stock TRL bit for bit.
     """
     model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     model_kwargs["use_cache"] = False
-    if "doc_ids" in batch:
-        model_kwargs["attention_mask"] = _layout_mask(model, batch["doc_ids"], batch["branch_ids"])
     index, num_sequences, one_per_row = sequence_index(batch)
-    labels = batch["input_ids"].masked_fill(index < 0, -100)
-    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-    seq_len = index.size(1) - 1
-    # Prompt-learning adapters prepend virtual tokens; keep the positions of the real ones.
-    tail = {
-        name: None if getattr(outputs, name, None) is None else getattr(outputs, name)[:, -seq_len:]
-        for name in ("log_probs", "entropy", "mean_logits", "is_top1")
-    }
+    if one_per_row:
+        labels = batch["input_ids"].masked_fill(index < 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = index.size(1) - 1
+        # Prompt-learning adapters prepend virtual tokens; keep the positions of the real ones.
+        per_token = {name: _tail(getattr(outputs, name, None), seq_len) for name in FUSED_HEAD_OUTPUTS}
+    else:
+        model_kwargs["attention_mask"] = _layout_mask(model, batch["doc_ids"], batch["branch_ids"])
+        answers = index[:, 1:] >= 0
+        with _answer_positions_only(model, answers):
+            # Pre-shifted labels: scored as given, one per kept position.
+            outputs = model(**model_kwargs, shift_labels=batch["input_ids"][:, 1:][answers][None], fused_lm_head=True)
+        per_token = {name: _scatter(getattr(outputs, name, None), answers) for name in FUSED_HEAD_OUTPUTS}
     return TokenLogps(
-        logps=tail["log_probs"],
+        logps=per_token["log_probs"],
         index=index[:, 1:],
         num_sequences=num_sequences,
         one_per_row=one_per_row,
-        entropy=tail["entropy"],
-        mean_logits=tail["mean_logits"],
-        is_top1=tail["is_top1"],
+        entropy=per_token["entropy"],
+        mean_logits=per_token["mean_logits"],
+        is_top1=per_token["is_top1"],
     )
+
+
+@contextlib.contextmanager
+def _answer_positions_only(model: torch.nn.Module, answers: torch.Tensor):
+    """
+    Within: the backbone's `last_hidden_state` holds only the positions where `answers` (shape `(rows, T-1)`, aligned
+    with `input_ids[:, 1:]`) is True, as one row `(1, A, hidden)` in row-major order.
+
+    Why: off CUDA/XPU, TRL's fused head projects every position through the vocabulary (its tiles keep a fixed shape
+    for compiled devices), prompt and padding included: in a prompt-heavy batch ~4 of 5 of that work is discarded.
+    On CUDA TRL keeps the same positions itself, in the same order, so there the head's inputs are unchanged.
+    """
+    backbone = base_model(model).base_model
+
+    def keep_answers(module, args, output):
+        output.last_hidden_state = output.last_hidden_state[:, :-1][answers][None]
+        return output
+
+    handle = backbone.register_forward_hook(keep_answers)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _tail(values: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    return None if values is None else values[:, -seq_len:]
+
+
+def _scatter(values: torch.Tensor | None, answers: torch.Tensor) -> torch.Tensor | None:
+    """`(1, A)` values of the kept positions back to `(rows, T-1)`, zeros elsewhere (as TRL's head returns them)."""
+    return None if values is None else values.new_zeros(answers.shape).masked_scatter(answers, values)
 
 
 def _layout_mask(model: torch.nn.Module, doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:

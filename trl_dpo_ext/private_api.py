@@ -38,6 +38,9 @@ TRL_HELPERS = {
 }
 # Per-token fields of the output of TRL's fused LM head (`add_fused_lm_head`) this package reads.
 FUSED_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+# What `logps._answer_positions_only` relies on in that fused forward (public names, unlisted behaviour; guarded by
+# `test_fused_lm_head_scores_the_backbone_output_it_is_given`): it projects the `last_hidden_state` of the patched
+# model's `base_model` (the backbone), and scores `shift_labels`, when given, one label per position, unshifted.
 # The adapter name `trl.DPOTrainer.__init__` gives the frozen copy of a pretrained adapter (`reference.py`).
 TRL_REFERENCE_ADAPTER = "ref"
 # `transformers.Trainer` internals: methods (with the parameters we pass) and attributes.

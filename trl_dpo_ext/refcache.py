@@ -36,7 +36,7 @@ from .models import base_model
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "2"  # 2: a sequence's first token is never an answer token
+FORMAT_VERSION = "3"  # 2: a sequence's first token is never an answer token; 3: LM head on answer positions only
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 CACHE_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
 
