@@ -18,9 +18,9 @@ The adapter weights are bf16 in both trainers here (ours with `adapter_dtype="bf
 run the same config; what fp32 masters cost is measured by `benchmarks/adapter_dtype.py`.
 
 The limit row (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens
-(`prompt + chosen + rejected`, one causal row per pair, the LM head over the answer positions only; no reference
-forward, trainer, mask or optimizer), measured in the same run; the tables give ours/limit and stock/limit beside
-ours/stock.
+(`prompt + chosen + rejected`, one causal row per pair, a step's pairs right-padded into one batch, the LM head over
+the answer positions only; no reference forward, trainer, mask or optimizer), measured in the same run; the tables
+give ours/limit and stock/limit beside ours/stock.
 
 Runs alternate limit / stock / ours within each repeat; the table gives medians over repeats and the median of the
 per-repeat ratios. On the CPU every run is its own process so that its peak RSS is its own. Tokens/s counts the same
@@ -143,8 +143,9 @@ class PeakRSS:
 def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
     """
     The limit (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens,
-    `prompt + chosen + rejected` in one causal row per pair, with the LM head and its log-softmax over the answer
-    positions only (the only log-probs DPO reads) — no reference forward, no trainer, no mask, no optimizer. The rows
+    `prompt + chosen + rejected` in one causal row per pair, a step's pairs in one right-padded batch (one forward,
+    as the trainers run a step), with the LM head and its log-softmax over the answer positions only (the only
+    log-probs DPO reads) — no reference forward, no trainer, no mask, no optimizer. The rows
     are tokenized by our trainer (same truncation, chat template), and the model is the one it wraps (same LoRA, same
     adapter dtype), so the limit computes exactly what ours must compute for the policy.
     """
@@ -171,21 +172,20 @@ def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
         for step in range(settings["warmup"] + settings["steps"])
     ]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings["bf16"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = 0
     with PeakRSS() as rss:
         for step, batch in enumerate(batches):
             if step == settings["warmup"]:
                 _synchronize()
                 start, tokens = time.perf_counter(), 0
-            for row in batch:
-                ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"] + row["rejected_ids"]], device=device)
-                first = max(len(row["prompt_ids"]) - 1, 0)  # the first position whose next token is an answer's
-                with autocast:
-                    hidden = backbone(input_ids=ids).last_hidden_state[0, first:-1]
-                    torch.nn.functional.cross_entropy(head(hidden).float(), ids[0, first + 1 :]).backward()
-                # TRL's num_tokens, so tokens/s compares with the trainers': prompt + answer of both sequences.
-                tokens += 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+            ids, scored = _limit_batch(batch, pad, device)
+            with autocast:
+                hidden = backbone(input_ids=ids).last_hidden_state[:, :-1][scored]
+                torch.nn.functional.cross_entropy(head(hidden).float(), ids[:, 1:][scored]).backward()
             model.zero_grad(set_to_none=True)
+            # TRL's num_tokens, so tokens/s compares with the trainers': prompt + answer of both sequences.
+            tokens += sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in batch)
         _synchronize()
         elapsed = time.perf_counter() - start
     result = {"impl": "limit", "steps_per_second": settings["steps"] / elapsed, "tokens_per_second": tokens / elapsed}
@@ -193,6 +193,21 @@ def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
     if torch.cuda.is_available():
         result["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
+
+
+def _limit_batch(batch: list[dict], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The limit's one forward per step: row i is pair i's `prompt + chosen + rejected`, right-padded to the longest,
+    shape `(pairs, T)`; `scored` (shape `(pairs, T-1)`) marks the positions whose next token is an answer token.
+    Under causal attention no real token sees the padding after it, so no mask is needed.
+    """
+    rows = [r["prompt_ids"] + r["chosen_ids"] + r["rejected_ids"] for r in batch]
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    scored = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+    for i, (row, pair) in enumerate(zip(rows, batch)):
+        ids[i, : len(row)] = torch.tensor(row)
+        scored[i, max(len(pair["prompt_ids"]) - 1, 0) : len(row) - 1] = True
+    return ids.to(device), scored.to(device)
 
 
 def _synchronize() -> None:

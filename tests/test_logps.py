@@ -1,14 +1,14 @@
-"""Per-sequence log-probs: equal to a plain log-softmax computation, and independent of the padding side."""
+"""Per-sequence log-probs: equal to a plain log-softmax computation, independent of the padding side; the CPU head."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import assert_within, sequence_logps_tol
+from numerics import assert_within, forward_rtol, sequence_logps_tol, sum_rtol
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_dpo_ext import PreferenceCollator
-from trl_dpo_ext.logps import completion_token_logps
+from trl_dpo_ext.logps import completion_token_logps, head_statistics
 
 
 def rows(tokenizer, pairs):
@@ -62,3 +62,59 @@ def test_left_and_right_padding_give_the_same_logps(model, tokenizer, pairs):
     tol = sequence_logps_tol(right.sequence_logps(), right.lengths(), model.config, batch["input_ids"].size(1))
     assert_within(left.sequence_logps(), right.sequence_logps(), tol, "left vs right padding")  # fp32 rounding
     torch.testing.assert_close(left.lengths(), right.lengths())  # token counts: exact
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CPU head of the shared-prompt and packed layouts (`logps.head_statistics`) against TRL's fused head.
+
+
+@pytest.mark.numerics
+def test_cpu_head_gives_the_fields_of_trls_fused_head(model, tokenizer, pairs):
+    ids = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(rows(tokenizer, pairs))["input_ids"]
+    with torch.no_grad():
+        fused = model(input_ids=ids, labels=ids, fused_lm_head=True)  # TRL's tiles, every position
+        logits = model(input_ids=ids).logits[:, :-1]
+    got = head_statistics(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+    rtol = forward_rtol(model.config, ids.size(1))  # the same math in another order: fp32 rounding (numerics.py)
+    for field in ("log_probs", "entropy"):
+        want = getattr(fused, field).reshape(-1)
+        assert_within(got[field], want, rtol * want.abs(), field)
+    # Σ_v z_v / V: each logit within rtol of its own size, then V terms summed in another order.
+    scale = logits.abs().mean(-1).reshape(-1)
+    assert_within(
+        got["mean_logits"], fused.mean_logits.reshape(-1), (rtol + sum_rtol(logits.size(-1))) * scale, "mean"
+    )
+    # The first argmax, where the two largest logits are further apart than the rounding could move them.
+    top2 = logits.reshape(-1, logits.size(-1)).topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * rtol * top2.abs().max(-1).values
+    assert clear.sum() > len(clear) // 2
+    assert torch.equal(got["is_top1"][clear], fused.is_top1.reshape(-1)[clear])
+    assert got["is_top1"].any() and not got["is_top1"].all()
+
+
+def test_cpu_head_grads_flow_through_the_log_probs_only():
+    logits = torch.randn(5, 11, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 3, 7])
+    out = head_statistics(logits, targets)
+    assert out["log_probs"].requires_grad
+    assert not any(out[name].requires_grad for name in ("entropy", "mean_logits", "is_top1"))
+    # d log p_t / dz_v = 1[v = t] − p_v, by hand
+    out["log_probs"].sum().backward()
+    want = F.one_hot(targets, 11).float() - torch.softmax(logits.detach(), -1)
+    torch.testing.assert_close(logits.grad, want)
+    assert head_statistics(logits, targets, statistics=False).keys() == {"log_probs"}
+
+
+def test_cpu_head_projects_the_answer_positions_once(model, tokenizer, pairs):
+    # On the CPU the shared-prompt layout scores through the model's own `lm_head` (TRL's fused head reads the weight
+    # and never calls the module): one call, one row per answer token, prompts and padding never projected.
+    heights = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: heights.append(args[0].shape[:-1]))
+    try:
+        with torch.no_grad():
+            batch = PreferenceCollator(pad_token_id=0, share_prompt=True)(rows(tokenizer, pairs))
+            logps = completion_token_logps(model, batch)
+    finally:
+        handle.remove()
+    assert heights == [(1, int(logps.lengths().sum()))]
+    assert batch["input_ids"].size(1) > 1 and heights[0][1] < batch["input_ids"].numel()

@@ -209,7 +209,7 @@ class ImplicitReward:
             for start in range(0, len(examples), self.batch_size):
                 batch = self.collator(examples[start : start + self.batch_size])
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                policy = completion_token_logps(self.model, batch)
+                policy = completion_token_logps(self.model, batch, statistics=False)
                 reference = self.reference.token_logps(self.model, batch).sequence_logps()
                 rewards = self.beta * (policy.sequence_logps() - reference)
                 batch_chosen, batch_rejected = rewards.float().cpu().chunk(2)

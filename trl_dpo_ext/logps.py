@@ -1,9 +1,15 @@
-"""Per-sequence log-probabilities of the answers, from one forward through TRL's fused LM head, whatever the layout.
+"""Per-sequence log-probabilities of the answers, from one forward, whatever the layout.
 
-The fused head (`trl.trainer.utils.add_fused_lm_head`, installed by `trl.DPOTrainer`) projects only the positions with
-a label, in chunks, and never materializes the `(rows, T, vocab)` logits. In every layout of `layout.py` the label of
-position t is token t+1 of the same row, so one shifted forward scores all answers; `sequence_index` says which of the
-2B answers each label belongs to.
+In every layout of `layout.py` the label of position t is token t+1 of the same row, so one shifted forward scores all
+answers; `sequence_index` says which of the 2B answers each label belongs to. Which LM head scores them is decided
+here, once (`completion_token_logps`):
+
+- the plain layout: TRL's fused head (`trl.trainer.utils.add_fused_lm_head`, installed by `trl.DPOTrainer`), as stock
+  TRL runs it, so the plain layout matches stock TRL bit for bit;
+- the shared-prompt and packed layouts keep only the answer positions (`_answer_positions_only`); on an accelerator
+  TRL's fused head scores them, in tiles, never materializing the `(positions, vocab)` logits; on the CPU the model's
+  own head does (`head_statistics`): TRL's tiles fall back to a dozen torch passes over each tile there, 4.4× the
+  time of one projection and log-softmax (measured: `benchmarks/README.md`), and host memory holds those logits.
 """
 
 import contextlib
@@ -107,17 +113,19 @@ def cached_reference_logps(batch: dict[str, torch.Tensor]) -> TokenLogps:
     return TokenLogps(batch["ref_token_logps"][:, 1:], index[:, 1:], num_sequences, one_per_row)
 
 
-def completion_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogps:
+def completion_token_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], statistics: bool = True
+) -> TokenLogps:
     """
     Run `model` on a collated batch (any layout of `PreferenceCollator`) and return the log-prob of every answer token.
 
     Args:
-        model: a causal LM patched with TRL's fused LM head (optionally wrapped by peft / accelerate).
+        model: a causal LM (optionally wrapped by peft / accelerate); the plain layout, and the other layouts off the
+            CPU, need it patched with TRL's fused LM head (`trl.DPOTrainer` does that).
         batch: `input_ids`, `completion_mask`, `position_ids` of shape `(rows, T)`, and either a 2D `attention_mask`
             (plain layout) or `doc_ids`/`branch_ids` (shared-prompt / packed layouts, turned into a 4D mask here).
-
-    In the shared-prompt and packed layouts only the answer positions reach the LM head (see `_answer_positions_only`);
-    the plain layout runs TRL's forward as it is, so that it matches stock TRL bit for bit.
+        statistics: also return the per-token entropy, mean logit and top-1 flag (the policy's metrics). The
+            reference's are never read: without them the CPU head skips their passes over the vocabulary.
     """
     model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     model_kwargs["use_cache"] = False
@@ -131,10 +139,14 @@ def completion_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
     else:
         model_kwargs["attention_mask"] = _layout_mask(model, batch["doc_ids"], batch["branch_ids"])
         answers = index[:, 1:] >= 0
+        targets = batch["input_ids"][:, 1:][answers]
         with _answer_positions_only(model, answers):
-            # Pre-shifted labels: scored as given, one per kept position.
-            outputs = model(**model_kwargs, shift_labels=batch["input_ids"][:, 1:][answers][None], fused_lm_head=True)
-        per_token = {name: _scatter(getattr(outputs, name, None), answers) for name in FUSED_HEAD_OUTPUTS}
+            if answers.device.type == "cpu":
+                kept = head_statistics(model(**model_kwargs).logits[0], targets, statistics)
+            else:  # pre-shifted labels: scored as given, one per kept position
+                outputs = model(**model_kwargs, shift_labels=targets[None], fused_lm_head=True)
+                kept = {name: _first_row(getattr(outputs, name, None)) for name in FUSED_HEAD_OUTPUTS}
+        per_token = {name: _scatter(kept.get(name), answers) for name in FUSED_HEAD_OUTPUTS}
     return TokenLogps(
         logps=per_token["log_probs"],
         index=index[:, 1:],
@@ -146,15 +158,38 @@ def completion_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
     )
 
 
+def head_statistics(logits: torch.Tensor, targets: torch.Tensor, statistics: bool = True) -> dict[str, torch.Tensor]:
+    """
+    What TRL's fused head returns per position, from materialized logits: log p(target) = z_target − log Σ_v exp z_v
+    and, with `statistics`, the entropy −Σ_v p_v log p_v, the mean logit and whether the target is the first argmax
+    (TRL's `is_top1`: a tie with an earlier token does not count). Only the log-probs carry gradients.
+
+    Args:
+        logits (`torch.Tensor` of shape `(positions, vocab)`): the LM head's output (its own scaling included).
+        targets (`torch.Tensor` of shape `(positions,)`): the next token of each position.
+    """
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    out = {"log_probs": logits.gather(-1, targets[:, None])[:, 0] - log_z}
+    if statistics:
+        with torch.no_grad():
+            probs = torch.exp(logits - log_z[:, None])
+            out["entropy"] = log_z - (probs * logits).sum(-1)
+            out["mean_logits"] = logits.mean(-1)
+            out["is_top1"] = logits.argmax(-1) == targets
+    return out
+
+
 @contextlib.contextmanager
 def _answer_positions_only(model: torch.nn.Module, answers: torch.Tensor):
     """
     Within: the backbone's `last_hidden_state` holds only the positions where `answers` (shape `(rows, T-1)`, aligned
     with `input_ids[:, 1:]`) is True, as one row `(1, A, hidden)` in row-major order.
 
-    Why: off CUDA/XPU, TRL's fused head projects every position through the vocabulary (its tiles keep a fixed shape
-    for compiled devices), prompt and padding included: in a prompt-heavy batch ~4 of 5 of that work is discarded.
-    On CUDA TRL keeps the same positions itself, in the same order, so there the head's inputs are unchanged.
+    Why: the head then projects those positions alone, whichever head runs. Off CUDA/XPU, TRL's fused head would
+    project every position through the vocabulary (its tiles keep a fixed shape for compiled devices), prompt and
+    padding included: in a prompt-heavy batch ~4 of 5 of that work is discarded. On CUDA TRL keeps the same positions
+    itself, in the same order, so there the head's inputs are unchanged.
     """
     backbone = base_model(model).base_model
 
@@ -173,8 +208,12 @@ def _tail(values: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     return None if values is None else values[:, -seq_len:]
 
 
+def _first_row(values: torch.Tensor | None) -> torch.Tensor | None:
+    return None if values is None else values[0]
+
+
 def _scatter(values: torch.Tensor | None, answers: torch.Tensor) -> torch.Tensor | None:
-    """`(1, A)` values of the kept positions back to `(rows, T-1)`, zeros elsewhere (as TRL's head returns them)."""
+    """`(A,)` values of the kept positions back to `(rows, T-1)`, zeros elsewhere (as TRL's head returns them)."""
     return None if values is None else values.new_zeros(answers.shape).masked_scatter(answers, values)
 
 

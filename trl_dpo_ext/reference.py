@@ -114,7 +114,7 @@ class Reference:
             disable_gradient_checkpointing(extract_model_from_parallel(policy), gradient_checkpointing_kwargs),
             self.active(policy) as module,
         ):
-            return completion_token_logps(module, batch)
+            return completion_token_logps(module, batch, statistics=False)
 
 
 def drop_identity_copy(policy: torch.nn.Module) -> None:

@@ -1,0 +1,29 @@
+"""`benchmarks/lm_head_cpu.py` runs both heads on the shapes it is given and reports every timing."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+spec = importlib.util.spec_from_file_location("lm_head_cpu", ROOT / "benchmarks" / "lm_head_cpu.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_lm_head_benchmark_times_both_heads(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "SHAPES", {"small": (6, 16, 100)})
+    bench.main(["--repeats", "1", "--out", str(tmp_path)])
+    report = (tmp_path / "lm_head_cpu.md").read_text()
+    assert "| small: 6 × 16 → 100 |" in report
+    results = json.loads((tmp_path / "lm_head_cpu.json").read_text())
+    assert set(results["small"]) == {
+        "trl_policy_fwd_bwd_ms",
+        "ours_policy_fwd_bwd_ms",
+        "trl_reference_fwd_ms",
+        "trl_reference_log_probs_only_fwd_ms",
+        "ours_reference_fwd_ms",
+    }
+    assert all(value > 0 for value in results["small"].values())
