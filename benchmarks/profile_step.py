@@ -8,11 +8,12 @@ The model, data and `DPOConfig` are `bench_throughput.py`'s (the 32k-vocabulary 
 sequence, fp32, LoRA r=16 all-linear). Two tables, both as a share of the profiled steps' wall time:
 
 - **regions** (inclusive time, so a region holds the ops it ran): the collator, building the 4D layout mask (once
-  per forward: policy and reference), the reference forward, metric gathering, the optimizer step — marked with
-  `record_function` by wrapping those functions here, not in the library;
+  per forward: policy and reference), the CPU head's log-softmax and statistics (`logps.head_statistics`, forward
+  only), the reference forward, metric gathering, the optimizer step — marked with `record_function` by wrapping
+  those functions here, not in the library;
 - **op classes** (self time of every op, forward and backward): attention (SDPA), the 4-bit weight dequantization,
-  matrix products, the LM head's own autograd function (self time only: its matmuls count as matrix products), dtype
-  casts and copies, elementwise ops, the rest.
+  matrix products, the LM head's log-softmax (TRL's chunked autograd function or a log-sum-exp; self time only: its
+  matmuls count as matrix products), dtype casts and copies, elementwise ops, the rest.
 """
 
 import argparse
@@ -43,7 +44,10 @@ OP_CLASSES = [
     ("4-bit dequantize (bitsandbytes)", r"bitsandbytes|dequantize|quantize_4bit"),
     ("matrix products (mm, addmm, bmm, linear)", r"aten::(mm|addmm|bmm|matmul|linear)$|MmBackward|AddmmBackward"),
     # TRL's fused LM head (`fused_lm_head=True`) never calls the lm_head module: its own chunked autograd function.
-    ("LM head (TRL's chunked log-prob, fwd + bwd)", r"ChunkedLogProb|log_softmax|logsumexp|LogSoftmax"),
+    (
+        "LM head log-softmax (TRL's chunked log-prob or ours, fwd + bwd)",
+        r"ChunkedLogProb|[Ll]og_?[Ss]oftmax|[Ll]ogsumexp",
+    ),
     ("dtype casts and copies", r"aten::(to|_to_copy|copy_|contiguous|clone)$"),
     ("elementwise (mul, add, silu, rms norm, ...)", r"aten::(mul|add|sub|div|silu|pow|rsqrt|mean|neg|cat|where)"),
 ]
@@ -68,6 +72,7 @@ def mark_regions(trainer) -> list[str]:
 
     _mark(PreferenceCollator, "torch_call", "## collator")
     _mark(logps, "_layout_mask", "## layout mask (4D, per forward)")
+    _mark(logps, "head_statistics", "## LM head log-softmax (forward; the CPU head)")
     _mark(reference.Reference, "token_logps", "## reference forward")
     _mark(type(trainer), "_record_metrics", "## metrics (gather + record)")
     _mark(type(trainer), "training_step", "## training_step (forward + backward)")
@@ -75,6 +80,7 @@ def mark_regions(trainer) -> list[str]:
         "## training_step (forward + backward)",
         "## reference forward",
         "## layout mask (4D, per forward)",
+        "## LM head log-softmax (forward; the CPU head)",
         "## collator",
         "## metrics (gather + record)",
         "## optimizer step",

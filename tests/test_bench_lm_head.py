@@ -1,16 +1,12 @@
 """`benchmarks/lm_head_cpu.py` runs both heads on the shapes it is given and reports every timing."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-spec = importlib.util.spec_from_file_location("lm_head_cpu", ROOT / "benchmarks" / "lm_head_cpu.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from benchmarks import lm_head_cpu as bench  # noqa: E402
 
 
 def test_lm_head_benchmark_times_both_heads(tmp_path, monkeypatch):

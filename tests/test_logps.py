@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_dpo_ext import PreferenceCollator
+from trl_dpo_ext import logps as logps_module
 from trl_dpo_ext.logps import completion_token_logps, head_statistics
 
 
@@ -118,3 +119,20 @@ def test_cpu_head_projects_the_answer_positions_once(model, tokenizer, pairs):
         handle.remove()
     assert heights == [(1, int(logps.lengths().sum()))]
     assert batch["input_ids"].size(1) > 1 and heights[0][1] < batch["input_ids"].numel()
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("share_prompt, packing", [(True, False), (True, True)])
+def test_accelerator_path_gives_what_the_cpu_head_gives(model, tokenizer, pairs, monkeypatch, share_prompt, packing):
+    # The branch that runs on CUDA (TRL's fused head on the kept positions), forced here on the CPU.
+    batch = PreferenceCollator(pad_token_id=0, share_prompt=share_prompt, packing=packing)(rows(tokenizer, pairs))
+    with torch.no_grad():
+        cpu = completion_token_logps(model, batch)
+        monkeypatch.setattr(logps_module, "model_head_scores", lambda device: False)
+        fused = completion_token_logps(model, batch)
+    tol = sequence_logps_tol(fused.sequence_logps(), fused.lengths(), model.config, batch["input_ids"].size(1))
+    assert_within(cpu.sequence_logps(), fused.sequence_logps(), tol, "log-probs")  # fp32 rounding, per answer
+    rtol = forward_rtol(model.config, batch["input_ids"].size(1))
+    assert_within(cpu.entropy, fused.entropy, rtol * fused.entropy.abs(), "entropy")
+    assert torch.equal(cpu.index, fused.index) and cpu.is_top1.dtype == fused.is_top1.dtype == torch.bool
+    assert torch.equal(cpu.is_top1 & (cpu.index < 0), torch.zeros_like(cpu.is_top1))  # off the answers: False

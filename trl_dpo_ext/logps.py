@@ -7,9 +7,10 @@ here, once (`completion_token_logps`):
 - the plain layout: TRL's fused head (`trl.trainer.utils.add_fused_lm_head`, installed by `trl.DPOTrainer`), as stock
   TRL runs it, so the plain layout matches stock TRL bit for bit;
 - the shared-prompt and packed layouts keep only the answer positions (`_answer_positions_only`); on an accelerator
-  TRL's fused head scores them, in tiles, never materializing the `(positions, vocab)` logits; on the CPU the model's
-  own head does (`head_statistics`): TRL's tiles fall back to a dozen torch passes over each tile there, 4.4× the
-  time of one projection and log-softmax (measured: `benchmarks/README.md`), and host memory holds those logits.
+  TRL's fused head scores them, in tiles, never materializing the `(positions, vocab)` logits; on the CPU
+  (`model_head_scores`) the model's own head does, followed by `head_statistics`: off CUDA/XPU TRL's tiles fall back
+  to a dozen torch passes over each tile, taking 1.3–1.7× the time of this head for the policy and 1.5–2.4× for the
+  reference (`benchmarks/lm_head_cpu.py`), and host memory holds those logits.
 """
 
 import contextlib
@@ -141,7 +142,7 @@ def completion_token_logps(
         answers = index[:, 1:] >= 0
         targets = batch["input_ids"][:, 1:][answers]
         with _answer_positions_only(model, answers):
-            if answers.device.type == "cpu":
+            if model_head_scores(answers.device):
                 kept = head_statistics(model(**model_kwargs).logits[0], targets, statistics)
             else:  # pre-shifted labels: scored as given, one per kept position
                 outputs = model(**model_kwargs, shift_labels=targets[None], fused_lm_head=True)
@@ -156,6 +157,11 @@ def completion_token_logps(
         mean_logits=per_token["mean_logits"],
         is_top1=per_token["is_top1"],
     )
+
+
+def model_head_scores(device: torch.device) -> bool:
+    """Whether the model's own LM head scores the kept answer positions (on the CPU) rather than TRL's fused head."""
+    return device.type == "cpu"
 
 
 def head_statistics(logits: torch.Tensor, targets: torch.Tensor, statistics: bool = True) -> dict[str, torch.Tensor]:
