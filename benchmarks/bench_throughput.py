@@ -145,9 +145,9 @@ def run_limit(base, tokenizer, rows: list[dict], settings: dict) -> dict:
     The limit (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens,
     `prompt + chosen + rejected` in one causal row per pair, a step's pairs in one right-padded batch (one forward,
     as the trainers run a step), with the LM head and its log-softmax over the answer positions only (the only
-    log-probs DPO reads) — no reference forward, no trainer, no mask, no optimizer. The rows
-    are tokenized by our trainer (same truncation, chat template), and the model is the one it wraps (same LoRA, same
-    adapter dtype), so the limit computes exactly what ours must compute for the policy.
+    log-probs DPO reads) — no reference forward, no trainer, no mask, no optimizer. The rows are tokenized by our
+    trainer (same truncation, chat template), and the model is the one it wraps (same LoRA, same adapter dtype), so
+    the limit computes exactly what ours must compute for the policy.
     """
     import trl_dpo_ext
     from trl_dpo_ext.models import base_model
