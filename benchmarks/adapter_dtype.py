@@ -34,8 +34,8 @@ def run_arm(adapter_dtype: str, steps: int, lr: float, eval_every: int, batch: i
     from transformers import AutoTokenizer, set_seed
 
     from trl_dpo_ext import DPOConfig, DPOTrainer, load_qlora_model
-    from trl_dpo_ext.data import bundled_preference_dataset
-    from trl_dpo_ext.pretrained import smollm2_path
+    from trl_dpo_ext.preference_data import bundled_preference_dataset
+    from trl_dpo_ext.smollm2 import smollm2_path
 
     set_seed(0)
     path = str(smollm2_path())

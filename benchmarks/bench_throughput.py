@@ -317,8 +317,8 @@ def cpu_worker(args) -> None:
 
     rows_needed = args.batch_size * (args.warmup + args.steps)
     if args.model == "smollm2":
-        from trl_dpo_ext.data import bundled_preference_dataset
-        from trl_dpo_ext.pretrained import smollm2_path
+        from trl_dpo_ext.preference_data import bundled_preference_dataset
+        from trl_dpo_ext.smollm2 import smollm2_path
 
         model_dir = smollm2_path()
         train = bundled_preference_dataset("smollm2-concise")["train"].select_columns(["prompt", "chosen", "rejected"])

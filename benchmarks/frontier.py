@@ -56,10 +56,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBas
 from trl_dpo_ext import DPOConfig, DPOTrainer, build_preference_pairs, load_qlora_model  # noqa: E402
 from trl_dpo_ext.atomic import atomic_write  # noqa: E402
 from trl_dpo_ext.behaviour import generation_model  # noqa: E402
-from trl_dpo_ext.defaults import build_tokenizer, tiny_llama_config  # noqa: E402
 from trl_dpo_ext.iterative import IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
 from trl_dpo_ext.pairs import mask_pad_id, sample_completions  # noqa: E402
-from trl_dpo_ext.pretrained import smollm2_path  # noqa: E402
+from trl_dpo_ext.smollm2 import smollm2_path  # noqa: E402
+from trl_dpo_ext.tiny_model import build_tokenizer, tiny_llama_config  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).parent))

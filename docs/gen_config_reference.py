@@ -14,7 +14,7 @@ from pathlib import Path
 from trl_dpo_ext.cli import MergeArguments, PairsArguments, PlotArguments, ScoreArguments
 from trl_dpo_ext.config import DPOConfig, QLoRAModelConfig, RecipeArguments
 from trl_dpo_ext.iterative import IterativeDPOConfig
-from trl_dpo_ext.ppo_compat import PPOConfig
+from trl_dpo_ext.ppo_api import PPOConfig
 from trl_dpo_ext.train_iterative import IterativeArguments
 
 

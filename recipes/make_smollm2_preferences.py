@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, set_seed
 
 from trl_dpo_ext import behaviour, load_qlora_model
 from trl_dpo_ext.atomic import atomic_write
-from trl_dpo_ext.pretrained import smollm2_path
+from trl_dpo_ext.smollm2 import smollm2_path
 
 
 OUT = Path(__file__).parents[1] / "trl_dpo_ext" / "data" / "smollm2_concise.jsonl"

@@ -18,9 +18,9 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from trl_dpo_ext.data import bundled_preference_dataset
-from trl_dpo_ext.defaults import default_model_path, default_reward_model_path
-from trl_dpo_ext.ppo_compat import PPOConfig, PPOTrainer  # was: from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer  # was: from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl_dpo_ext.preference_data import bundled_preference_dataset
+from trl_dpo_ext.tiny_model import default_model_path, default_reward_model_path
 
 
 PPO_DEFAULT_MODEL = PPOConfig.__dataclass_fields__["sft_model_path"].default

@@ -13,9 +13,9 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from trl_dpo_ext import DPOConfig  # noqa: E402
-from trl_dpo_ext.data import bundled_preference_dataset  # noqa: E402
-from trl_dpo_ext.defaults import build_tokenizer, tiny_llama_config  # noqa: E402
 from trl_dpo_ext.models import nf4_config  # noqa: E402
+from trl_dpo_ext.preference_data import bundled_preference_dataset  # noqa: E402
+from trl_dpo_ext.tiny_model import build_tokenizer, tiny_llama_config  # noqa: E402
 
 
 PAIRS = [
@@ -44,10 +44,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct converted from the installed GGUF into this session's temp dir: once per session (the
-    conversion itself is under test in test_pretrained.py), shared by every test that needs the real model."""
-    from trl_dpo_ext import pretrained
+    conversion itself is under test in test_smollm2.py), shared by every test that needs the real model."""
+    from trl_dpo_ext import smollm2
 
-    return pretrained.smollm2_path(tmp_path_factory.mktemp("cache"))
+    return smollm2.smollm2_path(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The QLoRA recipe with a SIGKILL planted at a chosen point, for `tests/test_resume.py`.
 
-`python tests/killable_recipe.py FLAGS` runs `trl_dpo_ext.train` as `recipes/dpo_qlora.py` does. With
+`python tests/killable_recipe.py FLAGS` runs `trl_dpo_ext.recipe` as `recipes/dpo_qlora.py` does. With
 `KILL_AT_STEP=k` the process SIGKILLs itself when optimizer step k ends (before that step is logged or saved); with
 `KILL_IN_SAVE=k` it does so while checkpoint-k is being written (model and optimizer saved, trainer state not yet).
 The package's INFO logs go to stderr, so the test can see reference-cache hits.
@@ -12,7 +12,7 @@ import signal
 
 from transformers import TrainerCallback
 
-from trl_dpo_ext import train
+from trl_dpo_ext import recipe
 
 
 def kill() -> None:
@@ -28,7 +28,7 @@ class KillAtStep(TrainerCallback):
             kill()
 
 
-class KillableTrainer(train.DPOTrainer):
+class KillableTrainer(recipe.DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if "KILL_AT_STEP" in os.environ:
@@ -42,5 +42,5 @@ class KillableTrainer(train.DPOTrainer):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    train.DPOTrainer = KillableTrainer
-    train.main(*train.parse())
+    recipe.DPOTrainer = KillableTrainer
+    recipe.main(*recipe.parse())

@@ -1,7 +1,7 @@
 """One short run of the default recipe, shared by the ecosystem tests (CLI, export, logging, model card, rewards).
 
 Training is the slow part of those tests, so it happens once per session: `trained_run(tmp_path_factory)` runs
-`trl_dpo_ext.train` in-process with `--config tiny` (tiny model built in a temporary cache, bundled toy set),
+`trl_dpo_ext.recipe` in-process with `--config tiny` (tiny model built in a temporary cache, bundled toy set),
 with TensorBoard logging on, and returns what the recipe printed and returned.
 """
 
@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trl_dpo_ext import train
+from trl_dpo_ext import recipe
 
 
 HELDOUT_PAIRS = 16
@@ -41,7 +41,7 @@ def trained_run(tmp_path_factory) -> RecipeRun:
         stdout = io.StringIO()
         try:
             with contextlib.redirect_stdout(stdout):
-                result = train.main(*train.parse(argv))
+                result = recipe.main(*recipe.parse(argv))
         finally:
             if previous is None:
                 del os.environ["TRL_DPO_EXT_CACHE"]

@@ -14,8 +14,8 @@ from datasets import Dataset
 from recipe_run import HELDOUT_PAIRS, trained_run
 from transformers import LlamaForSequenceClassification
 
-from trl_dpo_ext import cli, train
-from trl_dpo_ext.defaults import tiny_llama_config
+from trl_dpo_ext import cli, recipe
+from trl_dpo_ext.tiny_model import tiny_llama_config
 
 
 ROOT = Path(__file__).parents[1]
@@ -57,15 +57,15 @@ def test_every_command_has_help(command, capsys):
 
 def test_dpo_runs_the_recipe_with_the_packaged_config(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(train, "main", lambda *args: calls.append(args))
+    monkeypatch.setattr(recipe, "main", lambda *args: calls.append(args))
     assert cli.main(["dpo", "--beta", "0.25", "--output_dir", str(tmp_path)]) == 0
     script_args, training_args, model_args, recipe_args = calls[-1]
     assert (training_args.beta, training_args.output_dir) == (0.25, str(tmp_path))  # flags
-    packaged = yaml.safe_load(train.DEFAULT_CONFIG.read_text())
+    packaged = yaml.safe_load(recipe.DEFAULT_CONFIG.read_text())
     assert (training_args.learning_rate, model_args.lora_r) == (packaged["learning_rate"], packaged["lora_r"])  # YAML
     assert (model_args.model_name_or_path, script_args.dataset_name) == ("smollm2-135m-instruct", "smollm2-concise")
     cli.main(["dpo", "--config", "tiny", "--output_dir", str(tmp_path)])  # a packaged config by name
-    tiny = yaml.safe_load((train.CONFIGS / "dpo_qlora_tiny.yaml").read_text())
+    tiny = yaml.safe_load((recipe.CONFIGS / "dpo_qlora_tiny.yaml").read_text())
     assert calls[-1][1].learning_rate == tiny["learning_rate"] and calls[-1][2].model_name_or_path is None
     config = tmp_path / "mine.yaml"
     config.write_text("beta: 0.3\nlearning_rate: 1.0e-4\n")
@@ -73,12 +73,11 @@ def test_dpo_runs_the_recipe_with_the_packaged_config(monkeypatch, tmp_path):
     assert (calls[-1][1].beta, calls[-1][1].learning_rate) == (0.3, 1e-4)
 
 
-def test_packaged_configs_are_the_recipe_configs():
-    """`trl-dpo-ext dpo` must train like `recipes/dpo_qlora.py`: edit both files together (`cp` one onto the other)."""
-    recipes = sorted(p.name for p in (ROOT / "recipes" / "configs").glob("*.yaml"))
-    assert recipes == sorted(p.name for p in train.CONFIGS.glob("*.yaml")) == ["dpo_qlora.yaml", "dpo_qlora_tiny.yaml"]
-    for name in recipes:
-        assert (train.CONFIGS / name).read_text() == (ROOT / "recipes" / "configs" / name).read_text(), name
+def test_each_recipe_config_exists_once():
+    """`trl-dpo-ext dpo` and `recipes/dpo_qlora.py` read the same packaged YAML files: no second copy to drift."""
+    configs = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("dpo_qlora*.yaml") if ".venv" not in p.parts)
+    assert configs == ["trl_dpo_ext/configs/dpo_qlora.yaml", "trl_dpo_ext/configs/dpo_qlora_tiny.yaml"]
+    assert sorted(p.name for p in recipe.CONFIGS.glob("*.yaml")) == ["dpo_qlora.yaml", "dpo_qlora_tiny.yaml"]
 
 
 def test_env_reports_versions_and_cuda(capsys):

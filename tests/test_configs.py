@@ -1,4 +1,4 @@
-"""Every YAML config under recipes/configs parses into the recipe's dataclasses; config validation errors."""
+"""Every YAML config under trl_dpo_ext/configs parses into the recipe's dataclasses; config validation errors."""
 
 import importlib.util
 from pathlib import Path
@@ -12,7 +12,7 @@ from trl_dpo_ext import DPOConfig, QLoRAModelConfig
 ROOT = Path(__file__).parents[1]
 # How TRL/transformers normalise a YAML value in __post_init__.
 NORMALISED = {"loss_type": lambda v: [v] if isinstance(v, str) else v, "report_to": lambda v: [] if v == "none" else v}
-CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "trl_dpo_ext" / "configs").glob("*.yaml"))
 
 
 def load_recipe(name):

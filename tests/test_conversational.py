@@ -9,8 +9,8 @@ from numerics import zero_margin_loss
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from trl_dpo_ext import DPOTrainer, load_qlora_model, to_conversational, train, validate_preference_dataset
-from trl_dpo_ext.data import bundled_preference_dataset, transcript_messages
+from trl_dpo_ext import DPOTrainer, load_qlora_model, recipe, to_conversational, validate_preference_dataset
+from trl_dpo_ext.preference_data import bundled_preference_dataset, transcript_messages
 
 
 def user(text):
@@ -91,10 +91,10 @@ def test_the_recipe_flag_makes_the_bundled_set_conversational(model, tokenizer, 
         assert prepared_chat["chosen_ids"] == prepared["chosen_ids"]
         assert prepared_chat["rejected_ids"] == prepared["rejected_ids"]
 
-    *_, recipe_args = train.parse(["--dataset_format", "chat", "--output_dir", str(tmp_path)])
+    *_, recipe_args = recipe.parse(["--dataset_format", "chat", "--output_dir", str(tmp_path)])
     assert recipe_args.dataset_format == "chat"
     with pytest.raises(SystemExit):
-        train.parse(["--dataset_format", "xml", "--output_dir", str(tmp_path)])
+        recipe.parse(["--dataset_format", "xml", "--output_dir", str(tmp_path)])
 
 
 def test_the_chat_flag_needs_a_chat_template(tiny_dir, tmp_path):
@@ -103,7 +103,7 @@ def test_the_chat_flag_needs_a_chat_template(tiny_dir, tmp_path):
     argv = ["--config", "tiny", "--model_name_or_path", str(plain), "--dataset_format", "chat"]
     argv += ["--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match="--dataset_format chat needs a tokenizer with a chat template"):
-        train.main(*train.parse(argv))
+        recipe.main(*recipe.parse(argv))
 
 
 def test_transcripts_become_messages():

@@ -28,8 +28,8 @@ from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 from numerics import assert_within, backward_rtol, forward_rtol, sum_rtol
 
-from trl_dpo_ext import train
-from trl_dpo_ext.defaults import tiny_llama_config
+from trl_dpo_ext import recipe
+from trl_dpo_ext.tiny_model import tiny_llama_config
 
 
 ROOT = Path(__file__).parents[1]
@@ -115,7 +115,7 @@ def test_two_processes_trained_with_world_size_2(runs):
     assert f"Training on 1 process(es) (DistributedType.NO), global batch {2 * BATCH} pairs" in stdout
 
 
-MAX_LENGTH, LORA_R, BETA = 512, 16, 0.1  # the recipe's (recipes/configs/dpo_qlora.yaml)
+MAX_LENGTH, LORA_R, BETA = 512, 16, 0.1  # the recipe's (trl_dpo_ext/configs/dpo_qlora.yaml)
 
 
 def loss_tol(row: dict, first_loss: float) -> float:
@@ -231,4 +231,4 @@ def test_documented_launch_commands_parse():
             assert " --use_cpu true" in " ".join(words[script:]), words
         # The recipe's own parser validates every flag; bf16 needs use_cpu on a machine without CUDA.
         flags = words[script + 1 :] + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
-        train.parse(flags)
+        recipe.parse(flags)

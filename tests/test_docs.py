@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from trl import TrlParser
 
-from trl_dpo_ext import cli, train
+from trl_dpo_ext import cli, recipe
 
 
 ROOT = Path(__file__).parents[1]
@@ -74,7 +74,7 @@ def test_documented_commands_parse():
     assert {words[0] for words in commands} == set(cli.COMMANDS)  # every command is shown at least once
     for name, *args in commands:
         if name == "dpo":
-            train.parse(args)
+            recipe.parse(args)
         elif name == "iterative":
             from trl_dpo_ext import train_iterative
 

@@ -19,7 +19,7 @@ from recipe_run import trained_run
 from safetensors.torch import save_file
 from test_cli import user_error
 
-from trl_dpo_ext import DPOConfig, cli, train
+from trl_dpo_ext import DPOConfig, cli, recipe
 from trl_dpo_ext.atomic import atomic_dir, atomic_write, current_umask
 from trl_dpo_ext.config import RecipeArguments
 from trl_dpo_ext.errors import DEBUG_ENV
@@ -156,8 +156,8 @@ def test_unreadable_data_files_name_the_file_and_line_before_any_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was read")
 
-    monkeypatch.setattr(train, "load_qlora_model", no_model)
-    monkeypatch.setattr(train, "default_model_path", no_model)
+    monkeypatch.setattr(recipe, "load_qlora_model", no_model)
+    monkeypatch.setattr(recipe, "default_model_path", no_model)
     argv = ["dpo", "--dataset_name", str(path), "--output_dir", str(tmp_path / "run")]
     line = user_error(argv, capsys)
     assert line.startswith(f"error: {path}: {message}"), line
@@ -165,7 +165,7 @@ def test_unreadable_data_files_name_the_file_and_line_before_any_model_loads(
 
 
 def test_truncated_last_line_says_it_may_be_truncated(tmp_path):
-    from trl_dpo_ext.data import load_preference_dataset
+    from trl_dpo_ext.preference_data import load_preference_dataset
 
     path = write_jsonl(tmp_path / "cut.jsonl", rows=16, tail=b'{"prompt": "p", "cho')
     with pytest.raises(ValueError, match=r"line 17: invalid JSON at character 17: .*is the file truncated\?"):
@@ -176,8 +176,8 @@ def test_a_bad_row_and_a_missing_split_are_reported_before_any_model_loads(tmp_p
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was validated")
 
-    monkeypatch.setattr(train, "load_qlora_model", no_model)
-    monkeypatch.setattr(train, "default_model_path", no_model)
+    monkeypatch.setattr(recipe, "load_qlora_model", no_model)
+    monkeypatch.setattr(recipe, "default_model_path", no_model)
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "chosen": "   "}) + "\n")
     argv = ["dpo", "--dataset_name", str(path), "--output_dir", str(tmp_path / "run")]
@@ -237,7 +237,7 @@ def test_the_cli_refuses_a_held_output_dir_before_loading_anything(tmp_path, cap
     def no_data(*args, **kwargs):
         raise AssertionError("the refused run went on")
 
-    monkeypatch.setattr(train, "load_preference_dataset", no_data)
+    monkeypatch.setattr(recipe, "load_preference_dataset", no_data)
     with RunLock(tmp_path / "run"):
         line = user_error(["dpo", "--output_dir", str(tmp_path / "run")], capsys)
     assert line.startswith(f"error: output_dir {tmp_path / 'run'} is in use by another run (pid {os.getpid()}")
@@ -266,7 +266,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
 def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    other = {"pid": dead_pid(), "host": "another-host", "time": 0, "process_start": 0, "command": "train.py"}
+    other = {"pid": dead_pid(), "host": "another-host", "time": 0, "process_start": 0, "command": "recipe.py"}
     (run / LOCK_NAME).write_text(json.dumps(other))
     with pytest.raises(RunLockedError, match=f"pid {other['pid']} on another-host"):
         RunLock(run).__enter__()
@@ -371,7 +371,7 @@ def test_stored_help_is_what_the_parser_prints(command):
 
 def test_dpo_help_groups_ours_then_trl_then_transformers():
     text = cli.render_help("dpo")
-    sections = [text.index(f"\n{title}:\n") for title, _ in train.FLAG_GROUPS.values()]
+    sections = [text.index(f"\n{title}:\n") for title, _ in recipe.FLAG_GROUPS.values()]
     assert sections == sorted(sections)
     ours, trl_, transformers_ = sections
     assert ours < text.index("--lora_r") < text.index("--dataset_format") < trl_  # QLoRAModelConfig, RecipeArguments

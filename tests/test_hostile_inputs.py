@@ -4,7 +4,7 @@ The contract: a bad row fails with our `ValueError` naming the dataset, the colu
 through tokenization and every layout of the collator with consistent tensors, and the same finite log-probs as each
 sequence scored on its own. Nothing crashes deep in torch or pyarrow.
 
-Decisions pinned here (see `trl_dpo_ext/data.py` and `PreferenceCollator`):
+Decisions pinned here (see `trl_dpo_ext/preference_data.py` and `PreferenceCollator`):
 - blank text (no visible character: only whitespace, control or format characters, e.g. U+3000, NUL, U+200B, U+FEFF)
   is an empty prompt or answer; a message list whose contents are all blank is one too;
 - duplicate pairs are valid data; `chosen == rejected` is not;
@@ -47,9 +47,9 @@ from trl_dpo_ext import (  # noqa: E402
     to_conversational,
     validate_preference_dataset,
 )
-from trl_dpo_ext.defaults import tiny_llama_config  # noqa: E402
 from trl_dpo_ext.layout import block_attention_mask  # noqa: E402
 from trl_dpo_ext.logps import cached_reference_logps, completion_token_logps  # noqa: E402
+from trl_dpo_ext.tiny_model import tiny_llama_config  # noqa: E402
 
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

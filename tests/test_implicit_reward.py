@@ -10,8 +10,8 @@ from numerics import assert_effect, assert_within, mean_rtol, sequence_logps_tol
 from recipe_run import HELDOUT_PAIRS, trained_run
 
 from trl_dpo_ext import ImplicitReward, PreferenceCollator
-from trl_dpo_ext.data import bundled_preference_dataset
 from trl_dpo_ext.implicit_reward import _pair, _tokenize
+from trl_dpo_ext.preference_data import bundled_preference_dataset
 
 
 @pytest.fixture(scope="module")

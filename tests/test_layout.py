@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_dpo_ext import DPOTrainer, PreferenceCollator
-from trl_dpo_ext.data import bundled_preference_dataset
 from trl_dpo_ext.layout import block_attention_mask, pair_docs, rows_from_docs, truncate, unsupported_reasons
 from trl_dpo_ext.logps import completion_token_logps
 from trl_dpo_ext.models import nf4_config
+from trl_dpo_ext.preference_data import bundled_preference_dataset
 
 
 LAYOUTS = {"shared": (True, False), "packed": (False, True), "shared+packed": (True, True)}

@@ -23,7 +23,7 @@ def test_ppo_on_trl_without_ppo_says_so_and_points_to_dpo():
         registry.get_trainer("ppo")
     message = str(info.value)
     assert "removed from TRL in 1.13" in message and trl.__version__ in message
-    assert "get_trainer('dpo')" in message and "trl_dpo_ext.ppo_compat" in message
+    assert "get_trainer('dpo')" in message and "trl_dpo_ext.ppo_api" in message
 
 
 def test_unknown_name_lists_the_known_ones():

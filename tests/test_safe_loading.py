@@ -9,8 +9,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 import trl_dpo_ext
-from trl_dpo_ext import models, train
-from trl_dpo_ext.data import load_preference_dataset
+from trl_dpo_ext import models, recipe
+from trl_dpo_ext.preference_data import load_preference_dataset
 
 
 PACKAGE = Path(trl_dpo_ext.__file__).parent
@@ -20,8 +20,8 @@ UNSAFE_MODULES = {"pickle", "dill", "joblib", "cloudpickle", "marshal", "shelve"
 
 
 def test_trust_remote_code_is_off_unless_asked():
-    assert train.parse([])[1].trust_remote_code is False
-    assert train.parse(["--trust_remote_code", "true"])[1].trust_remote_code is True
+    assert recipe.parse([])[1].trust_remote_code is False
+    assert recipe.parse(["--trust_remote_code", "true"])[1].trust_remote_code is True
 
 
 @pytest.mark.parametrize("asked", [False, True])

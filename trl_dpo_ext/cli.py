@@ -1,6 +1,6 @@
 """`trl-dpo-ext`: the package's command line.
 
-    trl-dpo-ext dpo [--config FILE] [FLAGS]     train: the QLoRA DPO recipe (`trl_dpo_ext.train`)
+    trl-dpo-ext dpo [--config FILE] [FLAGS]     train: the QLoRA DPO recipe (`trl_dpo_ext.recipe`)
     trl-dpo-ext iterative [FLAGS]               iterative DPO: sample from the policy, score, DPO; R rounds
     trl-dpo-ext pairs --output FILE ...         build preference pairs from prompts and a reward model or function
     trl-dpo-ext merge --adapter DIR --out DIR   a plain model: dequantized base + merged LoRA, safetensors
@@ -143,9 +143,9 @@ class PlotArguments:
 
 
 def run_dpo(argv: list[str]) -> int:
-    from . import train
+    from . import recipe
 
-    train.main(*train.parse(argv, prog="trl-dpo-ext dpo"))
+    recipe.main(*recipe.parse(argv, prog="trl-dpo-ext dpo"))
     return 0
 
 
@@ -161,9 +161,9 @@ def run_pairs(args: PairsArguments) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from .atomic import atomic_write
-    from .defaults import default_model_path
     from .pairs import build_preference_pairs
-    from .pretrained import resolve_model_name
+    from .smollm2 import resolve_model_name
+    from .tiny_model import default_model_path
 
     output = Path(args.output)
     if output.suffix not in (".jsonl", ".parquet"):
@@ -232,7 +232,7 @@ def load_reward_fn(spec: str) -> Callable:
 
 def load_prompts(source: str | None, split: str, tokenizer) -> list[str]:
     """Prompt texts from `source` (see `PairsArguments.prompts`); message lists go through the chat template."""
-    from .data import bundled_preference_dataset, load_preference_dataset
+    from .preference_data import bundled_preference_dataset, load_preference_dataset
 
     if source is not None and source.endswith(".txt"):
         prompts = [line for line in Path(source).read_text().splitlines() if line.strip()]
@@ -275,8 +275,8 @@ def run_merge(args: MergeArguments) -> int:
 def run_score(args: ScoreArguments) -> int:
     from datasets import DatasetDict
 
-    from .data import load_preference_dataset, to_conversational
     from .implicit_reward import ImplicitReward
+    from .preference_data import load_preference_dataset, to_conversational
 
     check_adapter_dir(args.adapter)
     dataset = load_preference_dataset(args.dataset_name, args.dataset_config)
@@ -375,12 +375,12 @@ def command_parser(name: str):
     """The `TrlParser` that `trl-dpo-ext NAME` parses its arguments with (imports TRL)."""
     from trl import TrlParser
 
-    from . import train
+    from . import recipe
 
     command = COMMANDS[name]
     prog = f"trl-dpo-ext {name}"
     if name == "dpo":
-        return train.make_parser(prog=prog)
+        return recipe.make_parser(prog=prog)
     if name == "iterative":
         from . import train_iterative
 
@@ -475,16 +475,16 @@ def _main(argv: list[str]) -> int:
     return COMMANDS[name].run(*parsed)
 
 
-def run_recipe(argv: list[str] | None, default_config: str | Path) -> int:
-    """`recipes/dpo_qlora.py`'s entry point: the recipe with `default_config`, errors reported as `main` does."""
+def run_recipe(argv: list[str] | None) -> int:
+    """`recipes/dpo_qlora.py`'s entry point: the recipe, errors reported as `main` does."""
     silence_known_noise()
 
-    def recipe() -> None:
-        from . import train
+    def run() -> None:
+        from . import recipe
 
-        train.main(*train.parse(argv, default_config=default_config))
+        recipe.main(*recipe.parse(argv))
 
-    return exit_status_of(recipe)
+    return exit_status_of(run)
 
 
 if __name__ == "__main__":

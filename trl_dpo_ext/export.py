@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from .atomic import atomic_dir
-from .model_card import load_base_as_trained
+from .saved_run import load_base_as_trained
 
 
 logger = logging.getLogger(__name__)

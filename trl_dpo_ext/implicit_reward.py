@@ -22,12 +22,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl.trainer.utils import add_fused_lm_head
 
 from .collator import PreferenceCollator
-from .data import validate_preference_dataset
 from .logps import completion_token_logps
-from .model_card import load_base_as_trained, load_training_config
 from .models import base_model, keep_fp32_cpu_kernels
+from .preference_data import validate_preference_dataset
 from .reference import PRECOMPUTED, REFERENCE_ADAPTER, Reference
 from .reward import preference_accuracy
+from .saved_run import load_base_as_trained, load_training_config
 
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.experimental.utils import get_reward
 
-from .data import is_blank
+from .preference_data import is_blank
 
 
 logger = logging.getLogger(__name__)

@@ -61,7 +61,7 @@ def _ppo() -> TrainerSpec:
         raise TrainerUnavailableError(
             f"'ppo' is not available: PPO was removed from TRL in 1.13 and the installed trl is {trl.__version__}. "
             "Train with DPO instead: get_trainer('dpo'), or keep an existing PPO script and change its import to "
-            "`from trl_dpo_ext.ppo_compat import PPOConfig, PPOTrainer`, which runs DPO on pairs ranked by your "
+            "`from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer`, which runs DPO on pairs ranked by your "
             "reward model."
         ) from error
     return TrainerSpec("ppo", PPOTrainer, PPOConfig, "TRL's PPO trainer (trl.experimental.ppo, TRL <= 1.12).")

@@ -19,11 +19,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 from trl import TrlParser
 
 from .config import QLoRAModelConfig, device_defaults
-from .data import load_preference_dataset
 from .iterative import IterativeDPOConfig, IterativeDPOTrainer
-from .pretrained import SMOLLM2_NAME, resolve_model_name
+from .preference_data import load_preference_dataset
+from .recipe import load_policy
 from .runlock import RunLock
-from .train import load_policy
+from .smollm2 import SMOLLM2_NAME, resolve_model_name
 
 
 def concise_reward(prompts: list[str], completions: list[str]) -> list[float]:

@@ -29,8 +29,6 @@ from .atomic import apply_umask_permissions
 from .checkpoints import resolve_resume
 from .collator import INDEX_COLUMN, PreferenceCollator
 from .config import DPOConfig
-from .data import validate_preference_dataset
-from .defaults import cache_dir
 from .layout import unsupported_reasons
 from .logps import NON_MODEL_KEYS, TokenLogps, completion_token_logps
 from .losses import LOSSES, preference_loss
@@ -46,6 +44,8 @@ from .model_card import extend_model_card, save_model_files
 from .models import base_model, keep_fp32_cpu_kernels, upcast_adapter_weights
 from .nonfinite import NonFiniteGuard
 from .pairs import safe_pad_id
+from .paths import cache_dir
+from .preference_data import validate_preference_dataset
 from .refcache import (
     CACHE_COLUMNS,
     cache_key,

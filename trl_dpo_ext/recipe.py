@@ -1,7 +1,7 @@
 """The QLoRA DPO recipe as a library function, so `trl-dpo-ext dpo` works from an installed package and
 `recipes/dpo_qlora.py` is a thin wrapper around the same code.
 
-Settings come from a YAML config (the packaged copy of `recipes/configs/dpo_qlora.yaml` unless `--config` names
+Settings come from a YAML config (`trl_dpo_ext/configs/dpo_qlora.yaml` unless `--config` names
 another); every `ScriptArguments`, `DPOConfig`, `QLoRAModelConfig` and `RecipeArguments` field is a flag that overrides
 it.
 """
@@ -20,13 +20,13 @@ from trl import ScriptArguments, TrlParser, get_peft_config
 
 from . import behaviour
 from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, RecipeArguments, device_defaults
-from .data import load_preference_dataset, to_conversational, validate_preference_dataset
-from .defaults import default_model_path
 from .errors import UserError
 from .models import load_qlora_model
-from .pretrained import resolve_model_name
+from .preference_data import load_preference_dataset, to_conversational, validate_preference_dataset
 from .reward import preference_accuracy, reward_margins
 from .runlock import RunLock
+from .smollm2 import resolve_model_name
+from .tiny_model import default_model_path
 from .trainer import DPOTrainer
 
 

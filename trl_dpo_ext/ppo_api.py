@@ -1,7 +1,7 @@
 """A PPO-shaped API over DPO, so a TRL PPO script runs on TRL ≥ 1.13 by changing one import line:
 
     from trl.experimental.ppo import PPOConfig, PPOTrainer      # TRL <= 1.12
-    from trl_dpo_ext.ppo_compat import PPOConfig, PPOTrainer    # any TRL this package supports
+    from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer    # any TRL this package supports
 
 `PPOConfig` keeps the fields and defaults of TRL 1.12's `PPOConfig`; `PPOTrainer` keeps its constructor. Under the hood
 it runs the DPO paper's pipeline: sample k completions per prompt from the reference policy, rank them with the PPO
@@ -149,7 +149,7 @@ class PPOTrainer:
         peft_config=None,
     ):
         if not isinstance(args, PPOConfig):
-            raise TypeError(f"args must be trl_dpo_ext.ppo_compat.PPOConfig, got {type(args).__name__}")
+            raise TypeError(f"args must be trl_dpo_ext.ppo_api.PPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         if ref_model is not None and ref_model is model:

@@ -11,9 +11,9 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
-from trl_dpo_ext.defaults import tiny_llama_config
 from trl_dpo_ext.pairs import build_preference_pairs
-from trl_dpo_ext.ppo_compat import PPOConfig, PPOTrainer
+from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer
+from trl_dpo_ext.tiny_model import tiny_llama_config
 
 
 PROMPTS = ["User: Is the Acme kettle good?\nAssistant:", "User: Recommend a lamp.\nAssistant:"]
@@ -203,7 +203,7 @@ def test_ppo_script_runs_as_dpo_with_only_the_import_changed(tmp_path, tiny_dir,
     swapped.write_text(
         PPO_SCRIPT.replace(
             "from trl.experimental.ppo import PPOConfig, PPOTrainer",
-            "from trl_dpo_ext.ppo_compat import PPOConfig, PPOTrainer",
+            "from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer",
         )
     )
     diff = [(a, b) for a, b in zip(PPO_SCRIPT.splitlines(), swapped.read_text().splitlines()) if a != b]

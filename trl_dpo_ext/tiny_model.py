@@ -6,14 +6,14 @@ it still encodes any text.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .atomic import atomic_dir
-from .data import BUNDLED_DATASET
+from .paths import cache_dir
+from .preference_data import BUNDLED_DATASET
 
 
 TINY_MODEL_NAME = "tiny-llama-v1"
@@ -24,11 +24,6 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}<|eos|>{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """`$TRL_DPO_EXT_CACHE`, else `~/.cache/trl_dpo_ext`: where built artifacts are kept between runs."""
-    return Path(os.environ.get("TRL_DPO_EXT_CACHE", Path.home() / ".cache" / "trl_dpo_ext"))
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:

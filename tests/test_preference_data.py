@@ -6,7 +6,7 @@ import pytest
 from datasets import Dataset
 
 from trl_dpo_ext import load_preference_dataset, validate_preference_dataset
-from trl_dpo_ext.data import BUNDLED_DATASET
+from trl_dpo_ext.preference_data import BUNDLED_DATASET
 
 
 def test_bundled_set_follows_its_rule():

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from .atomic import atomic_dir
-from .defaults import cache_dir
+from .paths import cache_dir
 
 
 logger = logging.getLogger(__name__)
