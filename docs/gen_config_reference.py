@@ -11,11 +11,17 @@ import inspect
 import re
 from pathlib import Path
 
-from trl_dpo_ext.cli import MergeArguments, PairsArguments, PlotArguments, ScoreArguments
-from trl_dpo_ext.config import DPOConfig, QLoRAModelConfig, RecipeArguments
+from trl_dpo_ext.command_args import (
+    IterativeArguments,
+    MergeArguments,
+    PairsArguments,
+    PlotArguments,
+    RecipeArguments,
+    ScoreArguments,
+)
+from trl_dpo_ext.config import DPOConfig, QLoRAModelConfig
 from trl_dpo_ext.iterative import IterativeDPOConfig
 from trl_dpo_ext.ppo_api import PPOConfig
-from trl_dpo_ext.train_iterative import IterativeArguments
 
 
 DOC = Path(__file__).parent / "config_reference.md"

@@ -3,9 +3,9 @@
     python recipes/make_smollm2_preferences.py            # writes trl_dpo_ext/data/smollm2_concise.jsonl (+ .json)
 
 For every prompt below, SmolLM2-135M-Instruct (as the recipe loads it: the 4-bit NF4 base, i.e. π_ref; sampled through
-its dequantized dense copy, which computes the same function and runs ~10× faster on a CPU) samples K replies; the rule
-of `trl_dpo_ext.behaviour.concise_key` picks the best as `chosen` and the worst as `rejected`: a reply that ends on its
-own within MAX_NEW_TOKENS beats one cut off at it, and between two that end, the shorter wins (by at least
+its dequantized dense copy, which computes the same function and runs ~10× faster on a CPU) samples K replies; the
+rule of `trl_dpo_ext.length_rule.concise_key` picks the best as `chosen` and the worst as `rejected`: a reply that ends
+on its own within MAX_NEW_TOKENS beats one cut off at it, and between two that end, the shorter wins (by at least
 MIN_WORD_GAP words). Prompts where the rule cannot tell the replies apart are dropped. The settings and the seed are
 written beside the data (`smollm2_concise.json`), so a rerun with the same packages reproduces it.
 
@@ -22,8 +22,9 @@ import torch
 from peft import LoraConfig
 from transformers import AutoTokenizer, set_seed
 
-from trl_dpo_ext import behaviour, load_qlora_model
+from trl_dpo_ext import load_qlora_model, sampling
 from trl_dpo_ext.atomic import atomic_write
+from trl_dpo_ext.length_rule import best_and_worst
 from trl_dpo_ext.smollm2 import smollm2_path
 
 
@@ -37,7 +38,7 @@ SETTINGS = dict(
     min_word_gap=5,
     seed=0,
     batch_size=16,
-    rule="trl_dpo_ext.behaviour.concise_key: ended within max_new_tokens > cut off; among ended, fewer words",
+    rule="trl_dpo_ext.length_rule.concise_key: ended within max_new_tokens > cut off; among ended, fewer words",
 )
 
 EXPLAIN = [
@@ -103,25 +104,28 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     # A fresh LoRA is the identity (B = 0): the dense copy is the dequantized 4-bit base, π_ref.
     qlora = load_qlora_model(path, LoraConfig(r=16, target_modules="all-linear"), compute_dtype="float32")
-    model = behaviour.dense_copy(qlora)
+    model = sampling.dense_copy(qlora)
     del qlora
     rows, dropped = [], {"train": 0, "test": 0}
     for split, questions in (("train", train_prompts()), ("test", TEST)):
         prompts = [[{"role": "user", "content": q}] for q in questions]
-        samples = behaviour.generate_replies(
-            model,
-            tokenizer,
-            prompts,
+        settings = sampling.SamplingConfig(
+            num_samples=SETTINGS["k"],
             max_new_tokens=SETTINGS["max_new_tokens"],
-            batch_size=SETTINGS["batch_size"],
-            num_return_sequences=SETTINGS["k"],
-            do_sample=True,
             temperature=SETTINGS["temperature"],
             top_p=SETTINGS["top_p"],
-            desc=f"Sampling {split}",
+            top_k=None,  # the model's generation config, as these pairs were sampled
+            batch_size=SETTINGS["batch_size"],
+            seed=None,  # the global RNG, seeded once above
         )
+        ids = sampling.prompt_ids(prompts, tokenizer)
+        flat = sampling.replies(
+            sampling.generate(model, tokenizer, ids, settings, desc=f"Sampling {split}"), tokenizer
+        )
+        k = SETTINGS["k"]
+        samples = [flat[i : i + k] for i in range(0, len(flat), k)]
         for prompt, replies in zip(prompts, samples):
-            picked = behaviour.best_and_worst(replies, SETTINGS["min_word_gap"])
+            picked = best_and_worst(replies, SETTINGS["min_word_gap"])
             if picked is None:
                 dropped[split] += 1
                 continue

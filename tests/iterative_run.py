@@ -1,6 +1,6 @@
 """`trl-dpo-ext iterative` with a SIGKILL planted in a chosen round and step, for `tests/test_iterative.py`.
 
-`python tests/iterative_run.py FLAGS` runs `trl_dpo_ext.train_iterative` as `trl-dpo-ext iterative` does. With
+`python tests/iterative_run.py FLAGS` runs `trl_dpo_ext.recipe.iterative_main` as `trl-dpo-ext iterative` does. With
 `KILL_AT=r:k` the process SIGKILLs itself when optimizer step k of round r ends (before it is logged or saved).
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trl_dpo_ext import train_iterative
+from trl_dpo_ext import recipe
 from trl_dpo_ext.iterative import IterativeDPOTrainer
 
 
@@ -33,5 +33,5 @@ class KillableIterative(IterativeDPOTrainer):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    train_iterative.IterativeDPOTrainer = KillableIterative
-    train_iterative.main(*train_iterative.parse())
+    recipe.IterativeDPOTrainer = KillableIterative
+    recipe.iterative_main(*recipe.parse_iterative())

@@ -15,6 +15,7 @@ from recipe_run import HELDOUT_PAIRS, trained_run
 from transformers import LlamaForSequenceClassification
 
 from trl_dpo_ext import cli, recipe
+from trl_dpo_ext.sampling import load_reward
 from trl_dpo_ext.tiny_model import tiny_llama_config
 
 
@@ -66,7 +67,7 @@ def test_dpo_runs_the_recipe_with_the_packaged_config(monkeypatch, tmp_path):
     assert (model_args.model_name_or_path, script_args.dataset_name) == ("smollm2-135m-instruct", "smollm2-concise")
     cli.main(["dpo", "--config", "tiny", "--output_dir", str(tmp_path)])  # a packaged config by name
     tiny = yaml.safe_load((recipe.CONFIGS / "dpo_qlora_tiny.yaml").read_text())
-    assert calls[-1][1].learning_rate == tiny["learning_rate"] and calls[-1][2].model_name_or_path is None
+    assert calls[-1][1].learning_rate == tiny["learning_rate"] and calls[-1][2].model_name_or_path == "tiny-llama"
     config = tmp_path / "mine.yaml"
     config.write_text("beta: 0.3\nlearning_rate: 1.0e-4\n")
     cli.main(["dpo", "--config", str(config), "--output_dir", str(tmp_path)])
@@ -160,7 +161,7 @@ def test_pairs_argument_errors(tmp_path, capsys):
     )
     assert "os.path has no function 'nope'" in user_error([*base, "--reward_fn", "os.path:nope"], capsys)
     assert "no file" in user_error([*base, "--reward_fn", str(tmp_path / "missing.py") + ":length"], capsys)
-    assert cli.load_reward_fn(f"{tmp_path / 'rewards.py'}:length")(["p"], ["abc"]) == [3.0]
+    assert load_reward(f"{tmp_path / 'rewards.py'}:length").function(["p"], ["abc"]) == [3.0]
 
 
 def test_score_prints_the_accuracy_the_recipe_printed(tmp_path_factory, capsys):

@@ -21,7 +21,7 @@ from test_cli import user_error
 
 from trl_dpo_ext import DPOConfig, cli, recipe
 from trl_dpo_ext.atomic import atomic_dir, atomic_write, current_umask
-from trl_dpo_ext.config import RecipeArguments
+from trl_dpo_ext.command_args import RecipeArguments
 from trl_dpo_ext.errors import DEBUG_ENV
 from trl_dpo_ext.quiet import silence_known_noise
 from trl_dpo_ext.runlock import LOCK_NAME, RunLock, RunLockedError
@@ -157,7 +157,7 @@ def test_unreadable_data_files_name_the_file_and_line_before_any_model_loads(
         raise AssertionError("a model was loaded before the data was read")
 
     monkeypatch.setattr(recipe, "load_qlora_model", no_model)
-    monkeypatch.setattr(recipe, "default_model_path", no_model)
+    monkeypatch.setattr(recipe, "resolve_model_path", no_model)
     argv = ["dpo", "--dataset_name", str(path), "--output_dir", str(tmp_path / "run")]
     line = user_error(argv, capsys)
     assert line.startswith(f"error: {path}: {message}"), line
@@ -177,7 +177,7 @@ def test_a_bad_row_and_a_missing_split_are_reported_before_any_model_loads(tmp_p
         raise AssertionError("a model was loaded before the data was validated")
 
     monkeypatch.setattr(recipe, "load_qlora_model", no_model)
-    monkeypatch.setattr(recipe, "default_model_path", no_model)
+    monkeypatch.setattr(recipe, "resolve_model_path", no_model)
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "chosen": "   "}) + "\n")
     argv = ["dpo", "--dataset_name", str(path), "--output_dir", str(tmp_path / "run")]

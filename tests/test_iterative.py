@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from trl_dpo_ext import iterative, load_qlora_model
 from trl_dpo_ext.iterative import IterativeDPOConfig, IterativeDPOTrainer
+from trl_dpo_ext.length_rule import longer_reward
 from trl_dpo_ext.pairs import build_preference_pairs
-from trl_dpo_ext.train_iterative import longer_reward
 
 
 ROOT = Path(__file__).parents[1]
@@ -128,7 +128,7 @@ def test_prompts_per_round_takes_the_next_slice_each_round(tiny_dir, tokenizer, 
 def test_bad_settings_are_named(tiny_dir, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="`num_rounds` must be >= 1, got 0"):
         IterativeDPOConfig(output_dir=str(tmp_path), num_rounds=0, bf16=False)
-    with pytest.raises(ValueError, match=r"`num_samples` must be >= 2 to form a pair \(best and worst\), got 1"):
+    with pytest.raises(ValueError, match=r"`num_samples` must be at least 2 to form a pair \(best and worst\), got 1"):
         IterativeDPOConfig(output_dir=str(tmp_path), num_samples=1, bf16=False)
     with pytest.raises(ValueError, match="`temperature` must be a finite number > 0, got nan"):
         IterativeDPOConfig(output_dir=str(tmp_path), temperature=float("nan"), bf16=False)
@@ -185,7 +185,8 @@ def test_killed_in_round_two_then_resumed_equals_an_uninterrupted_run(tiny_dir, 
     assert (out / "round-1" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "round-2" / "pairs" / "dataset_info.json").is_file() and (out / "round-2" / "checkpoint-2").is_dir()
     assert not (out / "round-2" / "adapter").exists()
-    resumed = run(tmp_path, tiny_dir, "killed", "--resume_from_checkpoint", "last")
+    # "latest", as `trl-dpo-ext dpo` reads it too (this command once took only "last"/"true").
+    resumed = run(tmp_path, tiny_dir, "killed", "--resume_from_checkpoint", "latest")
     assert "Round 2:" in resumed.stdout and "Round 1:" not in resumed.stdout  # round 1 was done: not rerun
     assert "Resuming from" in resumed.stderr
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")

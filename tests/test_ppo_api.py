@@ -74,7 +74,7 @@ def test_reward_model_scores_and_token_id_prompts(policy, tokenizer, reward_dir)
 
 def test_bad_inputs(policy, tokenizer, reward_dir):
     fn = lambda p, c: [0.0] * len(c)  # noqa: E731
-    with pytest.raises(ValueError, match="k must be at least 2 to form a pair, got k=1"):
+    with pytest.raises(ValueError, match=r"`k` must be at least 2 to form a pair \(best and worst\), got 1"):
         build_preference_pairs(policy, tokenizer, PROMPTS, reward_fn=fn, k=1)
     with pytest.raises(ValueError, match="no prompts: the prompt set is empty"):
         build_preference_pairs(policy, tokenizer, [], reward_fn=fn)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trl_dpo_ext.checkpoints import checkpoint_problem, resolve_resume
+from trl_dpo_ext.checkpoints import checkpoint_problem, resolve_resume, resume_request
 
 
 ROOT = Path(__file__).parents[1]
@@ -70,7 +70,7 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path):
     )
     assert (out / "checkpoint-8" / "adapter_model.safetensors").exists()  # half a checkpoint, the bait
 
-    third = run(tmp_path, "killed", "--resume_from_checkpoint", "last")
+    third = run(tmp_path, "killed", "--resume_from_checkpoint", "latest")  # every word of LATEST, any command
     assert "Removing incomplete checkpoint" in third.stderr and "Resuming from" in third.stderr
     assert "Reference cache hit for the train dataset" in third.stderr
     assert cache_file(tmp_path) == cache and cache.stat().st_mtime_ns == stamp  # reused, never rewritten
@@ -122,3 +122,13 @@ def test_last_picks_the_newest_complete_checkpoint_and_starts_fresh_without_one(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert resolve_resume(None, tmp_path) is None and resolve_resume(False, tmp_path) is None
     assert resolve_resume(True, tmp_path) == str(tmp_path / "checkpoint-4")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, None), (False, None), ("false", None), ("None", None), ("", None), (True, True), ("last", True),
+     ("Latest", True), ("TRUE", True), ("runs/x/checkpoint-4", "runs/x/checkpoint-4")],
+)  # fmt: skip
+def test_one_reading_of_resume_from_checkpoint(value, expected):
+    # What DPOTrainer.train, IterativeDPOTrainer.train, the PPO-shaped API and both commands all go through.
+    assert resume_request(value) == expected

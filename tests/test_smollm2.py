@@ -52,13 +52,6 @@ def test_second_call_reuses_the_conversion(smollm2_dir, monkeypatch):
     assert smollm2.smollm2_path(smollm2_dir.parent) == smollm2_dir
 
 
-def test_the_name_resolves_to_the_converted_copy(smollm2_dir, monkeypatch):
-    monkeypatch.setattr(smollm2, "smollm2_path", lambda: smollm2_dir)
-    assert smollm2.resolve_model_name("SmolLM2-135M-Instruct") == str(smollm2_dir)
-    assert smollm2.resolve_model_name("some/other-model") == "some/other-model"
-    assert smollm2.resolve_model_name(None) is None
-
-
 def test_missing_package_says_how_to_install(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -21,8 +21,23 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-# `--resume_from_checkpoint` values that mean "the newest complete checkpoint in output_dir, if any".
-LATEST = ("last", "latest", "true", "True")
+# `--resume_from_checkpoint` words (any case) that mean "the newest complete checkpoint in output_dir, if any", and
+# those that mean "start fresh" (what a YAML or a shell script writes for no).
+LATEST = ("last", "latest", "true")
+FRESH = ("", "false", "none", "no")
+
+
+def resume_request(value: str | bool | None) -> bool | str | None:
+    """
+    The one reading of `resume_from_checkpoint`, for every trainer and command: `None` (start fresh) for `None`,
+    `False` or a word of `FRESH`; `True` (the newest complete checkpoint in output_dir, or a fresh start where there
+    is none) for `True` or a word of `LATEST`; else the value, a checkpoint path.
+    """
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in FRESH):
+        return None
+    if value is True or value.strip().lower() in LATEST:
+        return True
+    return value
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -57,17 +72,18 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | No
     The checkpoint to resume from, for a `resume_from_checkpoint` value.
 
     Args:
-        value: `None`/`False`: start fresh. `True` or one of `"last"`, `"latest"`, `"true"`: the newest complete
-            checkpoint in `output_dir` (incomplete newer ones are removed with a warning), or a fresh start when there
-            is none, so a preemptible job can always pass it. A path: that checkpoint, which must be complete.
+        value: read by [`resume_request`]. Fresh: `None`. Latest: the newest complete checkpoint in `output_dir`
+            (incomplete newer ones are removed with a warning), or a fresh start when there is none, so a preemptible
+            job can always pass it. A path: that checkpoint, which must be complete.
         output_dir: the run's output directory.
 
     Raises:
         `ValueError`: a named checkpoint is incomplete or missing.
     """
-    if value is None or value is False:
+    value = resume_request(value)
+    if value is None:
         return None
-    if value is True or value in LATEST:
+    if value is True:
         complete = None
         for path in reversed(checkpoints(output_dir)):
             problem = checkpoint_problem(path)

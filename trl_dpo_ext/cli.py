@@ -20,126 +20,22 @@ imports what it needs when it runs.
 """
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import sys
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DEBUG_ENV, exit_status_of
 from .quiet import silence_known_noise
 
 
-@dataclass
-class PairsArguments:
-    """Settings of `trl-dpo-ext pairs`."""
-
-    output: str = field(metadata={"help": "Where to write the pairs: a .jsonl or .parquet file."})
-    prompts: str | None = field(
-        default=None,
-        metadata={
-            "help": "Prompts: a .txt file (one per line), a .jsonl/.json/.parquet/.csv file or dataset with a "
-            "'prompt' column (strings, or message lists rendered by the chat template). Default: the training "
-            "prompts of the bundled toy set."
-        },
-    )
-    prompts_split: str = field(default="train", metadata={"help": "Split to read when `prompts` has several."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Policy to sample from (the DPO run's reference). Default: the embedded tiny model."},
-    )
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "Reward model (a *ForSequenceClassification with num_labels=1): a directory or Hub id."},
-    )
-    reward_fn: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward function 'module:function' or 'path/to/file.py:function', called as "
-            "function(prompts, completions) -> scores on texts. Exclusive with `reward_model`."
-        },
-    )
-    k: int = field(default=4, metadata={"help": "Completions per prompt; the best and the worst form the pair."})
-    max_new_tokens: int = field(default=53, metadata={"help": "Maximum new tokens per completion."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of a completion that never emits EOS."}
-    )
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-
-
-@dataclass
-class MergeArguments:
-    """Settings of `trl-dpo-ext merge`."""
-
-    adapter: str = field(metadata={"help": "Adapter directory saved by the trainer (a run's output_dir)."})
-    out: str = field(metadata={"help": "Directory for the merged model and tokenizer."})
-    dtype: str = field(
-        default="bf16", metadata={"help": "Dtype of the saved weights.", "choices": ["bf16", "fp16", "fp32"]}
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --out."})
-    base_model: str | None = field(
-        default=None, metadata={"help": "Base model to merge into; default: the one in adapter_config.json."}
-    )
-    device: str = field(
-        default="cpu", metadata={"help": "Where to dequantize and merge ('cuda' is faster if the model fits)."}
-    )
-
-
-@dataclass
-class ScoreArguments:
-    """Settings of `trl-dpo-ext score`."""
-
-    adapter: str = field(metadata={"help": "Adapter directory saved by the trainer (a run's output_dir)."})
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Preference pairs to score: a local .jsonl/.parquet/.csv file, a saved dataset directory or a "
-            "Hub id. Default: the bundled toy set."
-        },
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_test_split: str = field(
-        default="test", metadata={"help": "Split to score; a dataset with a single split is scored whole."}
-    )
-    max_pairs: int | None = field(default=None, metadata={"help": "Score only the first N pairs."})
-    dataset_format: str = field(
-        default="as_is",
-        metadata={
-            "help": "As the recipe's flag: 'chat' renders transcripts through the chat template.",
-            "choices": ["as_is", "chat"],
-        },
-    )
-    beta: float | None = field(default=None, metadata={"help": "Override the β read from the adapter."})
-    batch_size: int | None = field(
-        default=None, metadata={"help": "Pairs per forward; default: the run's per_device_eval_batch_size."}
-    )
-
-
-@dataclass
-class PlotArguments:
-    """Settings of `trl-dpo-ext plot`."""
-
-    metrics: str = field(metadata={"help": "A metrics_history.json file, or the run directory holding one."})
-    out: str | None = field(
-        default=None,
-        metadata={
-            "help": "PNG to write; default: metrics_plot.png beside the history (training's own plot, metrics.png, "
-            "is left alone)."
-        },
-    )
-    keys: list[str] | None = field(
-        default=None,
-        metadata={"help": "Metrics to plot, one panel each; default: loss, rewards/accuracies, rewards/margins, kl."},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace --out if it exists (it is refused otherwise)."})
+if TYPE_CHECKING:
+    from . import command_args
 
 
 def run_dpo(argv: list[str]) -> int:
@@ -150,102 +46,67 @@ def run_dpo(argv: list[str]) -> int:
 
 
 def run_iterative(argv: list[str]) -> int:
-    from . import train_iterative
+    from . import recipe
 
-    train_iterative.main(*train_iterative.parse(argv, prog="trl-dpo-ext iterative"))
+    recipe.iterative_main(*recipe.parse_iterative(argv, prog="trl-dpo-ext iterative"))
     return 0
 
 
-def run_pairs(args: PairsArguments) -> int:
+def run_pairs(args: "command_args.PairsArguments") -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .atomic import atomic_write
+    from .model_source import resolve_model_path
     from .pairs import build_preference_pairs
-    from .smollm2 import resolve_model_name
-    from .tiny_model import default_model_path
+    from .sampling import SamplingConfig, load_prompts, load_reward
 
     output = Path(args.output)
     if output.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--output must end in .jsonl or .parquet, got {output}")
     if (args.reward_model is None) == (args.reward_fn is None):
         raise ValueError("pass exactly one of --reward_model and --reward_fn")
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    # The data and the reward first: a bad file or spec fails before any model loads.
+    prompts = load_prompts(args.prompts, args.prompts_split, args.max_prompts)
+    if args.reward_fn is not None:
+        reward = load_reward(args.reward_fn, "--reward_fn")
+    else:  # a Hub id is no directory: it is loaded as a reward model whatever its form
+        reward = load_reward(args.reward_model, "--reward_model") if Path(args.reward_model).is_dir() else None
+    sampling = SamplingConfig.from_flags(
+        {"num_samples": "k"},
+        num_samples=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        missing_eos_penalty=args.missing_eos_penalty
+        if reward is None
+        else (args.missing_eos_penalty if args.missing_eos_penalty is not None else reward.missing_eos_penalty),
+        seed=args.seed,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy_path = resolve_model_name(args.model_name_or_path) or str(default_model_path())
+    policy_path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype="auto", device_map={"": device})
-    reward_model = None
-    if args.reward_model:
+    if reward is None:
+        from transformers import AutoModelForSequenceClassification
+
         reward_model = AutoModelForSequenceClassification.from_pretrained(
             args.reward_model, dtype="auto", device_map={"": device}
         )
-    prompts = load_prompts(args.prompts, args.prompts_split, tokenizer)
-    if args.max_prompts is not None:
-        prompts = prompts[: args.max_prompts]
+    else:
+        reward_model = reward.load_model(device)
     pairs = build_preference_pairs(
         policy,
         tokenizer,
         prompts,
-        reward_fn=reward_fn,
+        reward_fn=reward.function if reward is not None else None,
         reward_model=reward_model,
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        missing_eos_penalty=args.missing_eos_penalty,
-        seed=args.seed,
+        sampling=sampling,
     )
     with atomic_write(output, "wb") as handle:
         (pairs.to_json if output.suffix == ".jsonl" else pairs.to_parquet)(handle)
     print(f"Wrote {len(pairs)} preference pairs from {len(prompts)} prompts to {output}")
     return 0
-
-
-def load_reward_fn(spec: str) -> Callable:
-    """
-    The function named by `"module:function"` or `"path/to/file.py:function"`.
-
-    Example:
-    ```python
-    >>> load_reward_fn("os.path:join")("a", "b")
-    'a/b'
-    ```
-    """
-    module_name, _, name = spec.rpartition(":")
-    if not module_name or not name:
-        raise ValueError(f"--reward_fn must look like 'module:function' or 'file.py:function', got {spec!r}")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"--reward_fn {spec!r}: no file {path}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ValueError(f"--reward_fn {spec!r}: {module_name} has no function {name!r}")
-    return function
-
-
-def load_prompts(source: str | None, split: str, tokenizer) -> list[str]:
-    """Prompt texts from `source` (see `PairsArguments.prompts`); message lists go through the chat template."""
-    from .preference_data import bundled_preference_dataset, load_preference_dataset
-
-    if source is not None and source.endswith(".txt"):
-        prompts = [line for line in Path(source).read_text().splitlines() if line.strip()]
-    else:
-        dataset = bundled_preference_dataset() if source is None else load_preference_dataset(source)
-        rows = dataset[split] if split in dataset else dataset[next(iter(dataset))]
-        if "prompt" not in rows.column_names:
-            raise ValueError(f"{source}: no 'prompt' column; columns are {rows.column_names}")
-        prompts = rows["prompt"]
-    return [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) if isinstance(p, list) else p
-        for p in prompts
-    ]
 
 
 def check_adapter_dir(adapter: str) -> None:
@@ -263,7 +124,7 @@ def check_adapter_dir(adapter: str) -> None:
         )
 
 
-def run_merge(args: MergeArguments) -> int:
+def run_merge(args: "command_args.MergeArguments") -> int:
     from .export import merge_adapter
 
     check_adapter_dir(args.adapter)
@@ -272,7 +133,7 @@ def run_merge(args: MergeArguments) -> int:
     return 0
 
 
-def run_score(args: ScoreArguments) -> int:
+def run_score(args: "command_args.ScoreArguments") -> int:
     from datasets import DatasetDict
 
     from .implicit_reward import ImplicitReward
@@ -296,7 +157,7 @@ def run_score(args: ScoreArguments) -> int:
     return 0
 
 
-def run_plot(args: PlotArguments) -> int:
+def run_plot(args: "command_args.PlotArguments") -> int:
     from .metrics import MetricsHistoryCallback, plot_metrics
 
     path = Path(args.metrics)
@@ -348,8 +209,16 @@ CONFIG_HELP = "--config FILE reads these settings from a YAML file; flags overri
 @dataclass
 class Command:
     help: str
-    arguments: type | None
+    # The name of its settings dataclass in `command_args` (imported when the command parses: it imports TRL), or
+    # None for a command that parses its own (`dpo`, `iterative`) or takes none.
+    arguments_name: str | None
     run: Callable
+
+    @property
+    def arguments(self) -> type | None:
+        from . import command_args
+
+        return getattr(command_args, self.arguments_name) if self.arguments_name else None
 
 
 COMMANDS = {
@@ -357,10 +226,10 @@ COMMANDS = {
     "iterative": Command(
         "Iterative DPO: rounds of sampling from the policy, scoring, and DPO on one 4-bit base.", None, run_iterative
     ),
-    "pairs": Command("Build preference pairs: k samples per prompt, best and worst.", PairsArguments, run_pairs),
-    "merge": Command("Merge an adapter into its dequantized base: a plain model.", MergeArguments, run_merge),
-    "score": Command("Held-out preference accuracy of an adapter's implicit reward.", ScoreArguments, run_score),
-    "plot": Command("Plot a metrics_history.json to PNG.", PlotArguments, run_plot),
+    "pairs": Command("Build preference pairs: k samples per prompt, best and worst.", "PairsArguments", run_pairs),
+    "merge": Command("Merge an adapter into its dequantized base: a plain model.", "MergeArguments", run_merge),
+    "score": Command("Held-out preference accuracy of an adapter's implicit reward.", "ScoreArguments", run_score),
+    "plot": Command("Plot a metrics_history.json to PNG.", "PlotArguments", run_plot),
     "env": Command("Print versions and CUDA visibility, for bug reports.", None, run_env),
 }
 
@@ -382,9 +251,7 @@ def command_parser(name: str):
     if name == "dpo":
         return recipe.make_parser(prog=prog)
     if name == "iterative":
-        from . import train_iterative
-
-        return train_iterative.make_parser(prog=prog)
+        return recipe.make_iterative_parser(prog=prog)
     if command.arguments is None:
         return TrlParser((), prog=prog, description=command.help)
     return TrlParser(command.arguments, prog=prog, description=command.help, epilog=CONFIG_HELP)

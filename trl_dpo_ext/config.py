@@ -7,6 +7,8 @@ from pathlib import Path
 
 import trl
 
+from .model_source import MODEL_HELP
+
 
 @dataclass
 class DPOConfig(trl.DPOConfig):
@@ -165,6 +167,8 @@ class QLoRAModelConfig(trl.ModelConfig):
     linear layer. Policy and reference share that one base (see [`trl_dpo_ext.load_qlora_model`]).
 
     Parameters:
+        model_name_or_path (`str`, *optional*):
+            The model: see [`trl_dpo_ext.model_source`] (one default, SmolLM2-135M-Instruct, for every command).
         sft_adapter_path (`str`, *optional*):
             A LoRA adapter from a previous SFT run. DPO then trains that adapter, and the reference is a frozen copy of
             it on the same 4-bit base, not the bare base.
@@ -175,6 +179,7 @@ class QLoRAModelConfig(trl.ModelConfig):
             set it to the compute dtype (`bfloat16`), as `recipes/accelerate/fsdp_qlora.yaml` says.
     """
 
+    model_name_or_path: str | None = field(default=None, metadata={"help": MODEL_HELP})
     load_in_4bit: bool = field(
         default=True, metadata={"help": "Load the base in 4-bit (QLoRA). Policy and reference share it."}
     )
@@ -226,48 +231,6 @@ class QLoRAModelConfig(trl.ModelConfig):
         if self.bnb_4bit_quant_type != "nf4":
             raise ValueError(f"`bnb_4bit_quant_type` must be 'nf4' for QLoRA, got {self.bnb_4bit_quant_type!r}.")
         super().__post_init__()
-
-
-@dataclass
-class RecipeArguments:
-    """Recipe-only settings (not trainer settings)."""
-
-    heldout_pairs: int = field(
-        default=200,
-        metadata={
-            "help": "Pairs of the test split whose implicit-reward accuracy is measured before and after training; "
-            "0 skips the measurement."
-        },
-    )
-    heldout_generations: int = field(
-        default=0,
-        metadata={
-            "help": "Distinct prompts of the test split the model answers greedily before and after training; the "
-            "replies are scored by the rule of trl_dpo_ext.behaviour (ended on their own, shorter) and a few are "
-            "printed. 0 skips it."
-        },
-    )
-    generation_max_new_tokens: int = field(
-        default=64,
-        metadata={"help": "Token budget of those replies: one that has not ended by then counts as cut off."},
-    )
-    dataset_format: str = field(
-        default="as_is",
-        metadata={
-            "help": "'as_is' trains on the rows as they come (TRL's standard or conversational formats); 'chat' turns "
-            "standard rows whose prompt is a 'User: ...\\nAssistant:' transcript (like the bundled set) into "
-            "conversational rows rendered by the tokenizer's chat template.",
-            "choices": ["as_is", "chat"],
-        },
-    )
-
-    def __post_init__(self):
-        if self.heldout_pairs < 0:
-            raise ValueError(f"`heldout_pairs` must be >= 0 (0 skips the measurement), got {self.heldout_pairs}.")
-        if self.heldout_generations < 0:
-            raise ValueError(f"`heldout_generations` must be >= 0 (0 skips it), got {self.heldout_generations}.")
-        if self.generation_max_new_tokens < 1:
-            raise ValueError(f"`generation_max_new_tokens` must be >= 1, got {self.generation_max_new_tokens}.")
 
 
 def device_defaults() -> dict[str, bool]:

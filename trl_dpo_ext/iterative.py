@@ -33,7 +33,6 @@ everything on a resumed or repeated round (same pairs, same key). Rows repeated 
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +41,10 @@ from datasets import Dataset, load_from_disk
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_dir, atomic_write
-from .behaviour import generation_model
-from .checkpoints import resolve_resume
+from .checkpoints import resolve_resume, resume_request
 from .config import DPOConfig
-from .pairs import RewardFn, build_preference_pairs
+from .pairs import build_preference_pairs
+from .sampling import DEFAULTS, RewardFn, SamplingConfig, check_pair_samples, generation_model
 from .trainer import DPOTrainer
 
 
@@ -73,6 +72,8 @@ class IterativeDPOConfig(DPOConfig):
             Sampling temperature.
         generation_batch_size (`int`, *optional*, defaults to `16`):
             Prompts per batched `generate` call.
+
+        (The sampling defaults are [`trl_dpo_ext.sampling.SamplingConfig`]'s, shared by every command that samples.)
         missing_eos_penalty (`float`, *optional*):
             Subtracted from the score of a reply that does not end within `max_new_tokens` (PPO's rule).
         prompts_per_round (`int`, *optional*):
@@ -83,13 +84,17 @@ class IterativeDPOConfig(DPOConfig):
 
     num_rounds: int = field(default=2, metadata={"help": "Rounds of sample -> score -> DPO."})
     num_samples: int = field(
-        default=4, metadata={"help": "Replies sampled per prompt each round; best and worst make the pair."}
+        default=DEFAULTS.num_samples,
+        metadata={"help": "Replies sampled per prompt each round; best and worst make the pair."},
     )
-    max_new_tokens: int = field(default=64, metadata={"help": "Token budget of a sampled reply."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per batched generate call."})
+    max_new_tokens: int = field(default=DEFAULTS.max_new_tokens, metadata={"help": "Token budget of a sampled reply."})
+    temperature: float = field(default=DEFAULTS.temperature, metadata={"help": "Sampling temperature."})
+    generation_batch_size: int = field(
+        default=DEFAULTS.batch_size, metadata={"help": "Prompts per batched generate call."}
+    )
     missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of a reply that does not end within the budget."}
+        default=DEFAULTS.missing_eos_penalty,
+        metadata={"help": "Subtracted from the score of a reply that does not end within the budget."},
     )
     prompts_per_round: int | None = field(
         default=None,
@@ -99,20 +104,27 @@ class IterativeDPOConfig(DPOConfig):
     def __post_init__(self):
         if self.num_rounds < 1:
             raise ValueError(f"`num_rounds` must be >= 1, got {self.num_rounds}.")
-        if self.num_samples < 2:
-            raise ValueError(f"`num_samples` must be >= 2 to form a pair (best and worst), got {self.num_samples}.")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}.")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
-        if self.generation_batch_size < 1:
-            raise ValueError(f"`generation_batch_size` must be >= 1, got {self.generation_batch_size}.")
+        check_pair_samples(self.num_samples, "num_samples")
+        self.sampling()  # validates the sampling settings, naming this config's fields
         if self.prompts_per_round is not None and self.prompts_per_round < 1:
             raise ValueError(f"`prompts_per_round` must be >= 1 or None, got {self.prompts_per_round}.")
         if self.precompute_ref_log_probs:
             # TRL precomputes once, in the constructor, for the data it was given; each round brings new pairs.
             raise ValueError("`precompute_ref_log_probs` precomputes one dataset; with rounds, use `ref_cache=True`.")
         super().__post_init__()
+
+    def sampling(self, round_: int = 0) -> SamplingConfig:
+        """The sampling settings of round `round_`: each round its own draw (seed + round), the same one when a round
+        reruns."""
+        return SamplingConfig.from_flags(
+            {"batch_size": "generation_batch_size"},
+            num_samples=self.num_samples,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            batch_size=self.generation_batch_size,
+            missing_eos_penalty=self.missing_eos_penalty,
+            seed=self.seed + round_,
+        )
 
 
 class IterativeDPOTrainer:
@@ -196,13 +208,14 @@ class IterativeDPOTrainer:
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict]:
         """
-        Run the rounds (resuming after the last finished one when `resume_from_checkpoint` is `True`/`"last"`).
+        Run the rounds (resuming after the last finished one when `resume_from_checkpoint` is `True` or `"last"`, read
+        as every trainer reads it: [`trl_dpo_ext.checkpoints.resume_request`]).
 
         Returns:
             One dict per round run: `round`, `pairs`, `mean_score_chosen`, `mean_score_rejected`, `train_loss`.
         """
-        resume = resume_from_checkpoint in (True, "last")
-        if resume_from_checkpoint not in (None, False, True, "last"):
+        resume = resume_request(resume_from_checkpoint) is True
+        if resume_request(resume_from_checkpoint) not in (None, True):
             raise ValueError(
                 "IterativeDPOTrainer resumes from its own rounds: pass resume_from_checkpoint=True, not a path."
             )
@@ -252,13 +265,8 @@ class IterativeDPOTrainer:
                     self.prompts_for_round(round_),
                     reward_fn=self.reward_fn,
                     reward_model=self.reward_model,
-                    k=self.args.num_samples,
-                    max_new_tokens=self.args.max_new_tokens,
-                    temperature=self.args.temperature,
-                    batch_size=self.args.generation_batch_size,
-                    missing_eos_penalty=self.args.missing_eos_penalty,
                     stop_token_id=self.stop_token_id,
-                    seed=self.args.seed + round_,  # each round its own draw; the same one when a round reruns
+                    sampling=self.args.sampling(round_),
                 )
             if self.trainer.accelerator.is_main_process:
                 with atomic_dir(path) as staging:

@@ -23,14 +23,10 @@ import torch
 from datasets import Dataset
 
 from .atomic import atomic_dir, atomic_write
+from .checkpoints import resume_request
 from .config import DPOConfig
-from .pairs import (
-    build_preference_pairs,
-    mask_pad_id,
-    prompts_as_ids,
-    reward_model_scores,
-    sample_completions,
-)
+from .pairs import build_preference_pairs, reward_model_scores
+from .sampling import SamplingConfig, check_pair_samples, generate, mask_pad_id, prompt_ids
 from .trainer import DPOTrainer
 
 
@@ -111,12 +107,25 @@ class PPOConfig(DPOConfig):
             raise ValueError("Set only one of `stop_token` and `stop_token_id`.")
         if self.stop_token not in (None, "eos"):
             raise ValueError(f"`stop_token` must be 'eos' or None, got {self.stop_token!r}")
-        if self.num_completions < 2:
-            raise ValueError(f"`num_completions` must be at least 2 to form a pair, got {self.num_completions}")
+        check_pair_samples(self.num_completions, "num_completions")
+        self.sampling()  # validates the sampling settings, naming this config's fields
         if self.num_rounds < 1:
             raise ValueError(f"`num_rounds` must be >= 1, got {self.num_rounds}.")
         self.beta = self.kl_coef
         super().__post_init__()
+
+    def sampling(self) -> SamplingConfig:
+        """The pairs' sampling settings, from TRL PPO's field names (and its defaults, e.g. `response_length=53`)."""
+        return SamplingConfig.from_flags(
+            {"num_samples": "num_completions", "max_new_tokens": "response_length",
+             "batch_size": "local_rollout_forward_batch_size"},
+            num_samples=self.num_completions,
+            max_new_tokens=self.response_length,
+            temperature=self.temperature,
+            batch_size=self.local_rollout_forward_batch_size,
+            missing_eos_penalty=self.missing_eos_penalty,
+            seed=self.seed,
+        )  # fmt: skip
 
     def unused_settings(self) -> dict[str, object]:
         """PPO-only fields set away from their defaults."""
@@ -210,13 +219,8 @@ class PPOTrainer:
             self.processing_class,
             prompts,
             reward_model=self.reward_model,
-            k=self.args.num_completions,
-            max_new_tokens=self.args.response_length,
-            temperature=self.args.temperature,
-            batch_size=self.args.local_rollout_forward_batch_size,
             stop_token_id=self.stop_token_id,
-            missing_eos_penalty=self.args.missing_eos_penalty,
-            seed=self.args.seed,
+            sampling=self.args.sampling(),
         )
         if self.args.process_index == 0:
             with atomic_dir(Path(self.args.output_dir) / "preference_pairs") as staging:
@@ -252,14 +256,15 @@ class PPOTrainer:
 
         # The PPO settings, as the iterative trainer names them; every DPO/Trainer field carries over as it is.
         shared = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
+        sampling = self.args.sampling()
         args = IterativeDPOConfig(
             **shared,
             num_rounds=self.args.num_rounds,
-            num_samples=self.args.num_completions,
-            max_new_tokens=self.args.response_length,
-            temperature=self.args.temperature,
-            generation_batch_size=self.args.local_rollout_forward_batch_size,
-            missing_eos_penalty=self.args.missing_eos_penalty,
+            num_samples=sampling.num_samples,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            generation_batch_size=sampling.batch_size,
+            missing_eos_penalty=sampling.missing_eos_penalty,
         )
         prompts = self._prompts_beside(self.model)
         iterative = IterativeDPOTrainer(
@@ -274,7 +279,7 @@ class PPOTrainer:
             callbacks=self.callbacks,
             peft_config=self.peft_config,
         )
-        summary = iterative.train(resume_from_checkpoint=True if self.args.resume_from_checkpoint else None)
+        summary = iterative.train(resume_from_checkpoint=resume_request(self.args.resume_from_checkpoint))
         self.dpo_trainer, self.model = iterative.trainer, iterative.model
         return summary
 
@@ -302,11 +307,18 @@ class PPOTrainer:
         prompts = self.eval_dataset
         if sampling:
             prompts = prompts.select(range(min(self.args.per_device_eval_batch_size, len(prompts))))
-        batches = sample_completions(
-            policy, tokenizer, prompts_as_ids(prompts, tokenizer), k=1, max_new_tokens=self.args.response_length,
-            temperature=0.01, batch_size=self.args.per_device_eval_batch_size, stop_token_id=self.stop_token_id,
-            desc="Generating completions",
+        near_greedy = SamplingConfig(
+            num_samples=1, max_new_tokens=self.args.response_length, temperature=0.01,
+            batch_size=self.args.per_device_eval_batch_size, seed=None,
         )  # fmt: skip
+        batches = generate(
+            policy,
+            tokenizer,
+            prompt_ids(prompts, tokenizer),
+            near_greedy,
+            self.stop_token_id,
+            "Generating completions",
+        )
         pad = mask_pad_id(tokenizer, policy)
         rows = []
         for query_responses, context in batches:

@@ -34,6 +34,8 @@ BUNDLED = {
     # SmolLM2-135M-Instruct's own replies labelled by a rule (recipes/make_smollm2_preferences.py).
     "smollm2-concise": Path(__file__).parent / "data" / "smollm2_concise.jsonl",
 }
+# The prompts sampled when a command names none: the default model's own set (its `prompt` column).
+DEFAULT_PROMPTS = "smollm2-concise"
 
 
 def load_preference_dataset(name_or_path: str | None, config: str | None = None) -> DatasetDict:

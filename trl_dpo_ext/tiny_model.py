@@ -16,7 +16,9 @@ from .paths import cache_dir
 from .preference_data import BUNDLED_DATASET
 
 
-TINY_MODEL_NAME = "tiny-llama-v1"
+TINY_NAME = "tiny-llama"  # the name `--model_name_or_path` accepts for it (see `model_source`)
+# Its cache directory: bump the suffix when `default_model_path` builds something else.
+TINY_MODEL_NAME = f"{TINY_NAME}-v1"
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 # A small chat template so conversational preference rows can run on the default model.
 CHAT_TEMPLATE = (

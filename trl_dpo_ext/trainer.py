@@ -43,7 +43,6 @@ from .metrics import (
 from .model_card import extend_model_card, save_model_files
 from .models import base_model, keep_fp32_cpu_kernels, upcast_adapter_weights
 from .nonfinite import NonFiniteGuard
-from .pairs import safe_pad_id
 from .paths import cache_dir
 from .preference_data import validate_preference_dataset
 from .refcache import (
@@ -55,6 +54,7 @@ from .refcache import (
     weights_fingerprint,
 )
 from .reference import Reference, drop_identity_copy
+from .sampling import safe_pad_id
 
 
 logger = logging.getLogger(__name__)
