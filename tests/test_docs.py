@@ -86,14 +86,18 @@ def test_documented_commands_parse():
 
 
 # Shell commands. Every command in a shell block is run by `test_shell_commands_run_as_written` unless a marker says
-# why not: it needs what a test machine lacks, or a test (or `.ci/run`) runs it, at CI's size. On a comment-only line a
-# marker covers the commands after it, up to the next blank line; in a command's own comment, that command.
+# why not: it needs what a test machine lacks, or a test (or `.ci/run`) runs it, at CI's size, or it is a measurement
+# (minutes to an hour of a benchmark) whose committed output is named (`Measured: benchmarks/results/FILE`). On a
+# comment-only line a marker covers the commands after it, up to the next blank line; in a command's own comment, that
+# command.
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console", "zsh"}
 SHELL_MARKER = re.compile(
     r"Needs (?:the Hub|a GPU|a checkout of huggingface/trl)|[Rr]un by (?P<where>[\w./-]+(?:::\w+)?)"
+    r"|Measured: (?P<output>benchmarks/results/[\w./-]*\w)"
 )
 # What an unmarked command may run: the package's CLI (in-process) and shell builtins that write small files. Anything
-# else (a recipe, a benchmark) costs CI minutes: mark it with the test that runs it at CI's size.
+# else (a recipe, a benchmark) costs CI minutes: mark it with the test that runs it at CI's size (a measurement: with
+# the result it wrote).
 QUICK_PROGRAMS = {"trl-dpo-ext", "printf", "echo", "mkdir", "cat"}
 # The one change to a command as written, its size: training stops after 2 steps (each logged; the recipe runs 80),
 # scores 8 held-out pairs before and after (not 80) and runs the reference each step instead of caching it for all 320
@@ -126,6 +130,7 @@ class ShellCommand:
     text: str  # continuation lines joined, comment removed
     marker: str | None  # the marker that covers it (the whole match), if any
     where: str | None  # for "Run by WHERE": the test or script named
+    output: str | None = None  # for "Measured: OUTPUT": the committed result it wrote
 
     def __str__(self) -> str:
         return f"{self.doc.name}:{self.line}: {self.text}"
@@ -168,8 +173,10 @@ def shell_commands() -> list[ShellCommand]:
                     covering = marker if comment else None  # a blank line ends a marker's paragraph
                     continue
                 marker = marker or covering
-                where = marker.group("where") if marker else None
-                commands.append(ShellCommand(doc, first_line + start, command, marker and marker.group(0), where))
+                where, output = (marker.group("where"), marker.group("output")) if marker else (None, None)
+                commands.append(
+                    ShellCommand(doc, first_line + start, command, marker and marker.group(0), where, output)
+                )
     return commands
 
 
@@ -179,7 +186,9 @@ def test_every_shell_command_is_run_or_marked():
     assert len(commands) > 20  # the parser found the docs' blocks
     problems = []
     for command in commands:
-        if command.where:
+        if command.output and not (ROOT / command.output).is_file():
+            problems.append(f"{command}: marker names the result {command.output}, which does not exist")
+        elif command.where:
             path, _, name = command.where.partition("::")
             if not (ROOT / path).is_file():
                 problems.append(f"{command}: marker names {path}, which does not exist")
@@ -190,7 +199,8 @@ def test_every_shell_command_is_run_or_marked():
             if program not in QUICK_PROGRAMS:
                 problems.append(
                     f"{command}: neither run by test_shell_commands_run_as_written ({program} is not among "
-                    f"{sorted(QUICK_PROGRAMS)}) nor marked (# Needs the Hub, # Needs a GPU, # Run by tests/...)"
+                    f"{sorted(QUICK_PROGRAMS)}) nor marked (# Needs the Hub, # Needs a GPU, # Run by tests/..., "
+                    "# Measured: benchmarks/results/...)"
                 )
     assert not problems, "\n".join(problems)
 
@@ -222,6 +232,49 @@ def test_shell_commands_run_as_written(doc, tmp_path, shared_cache, monkeypatch,
     for command in [c for c in shell_commands() if c.doc == doc and c.marker is None]:
         run_shell_command(command, tmp_path)
     out = capsys.readouterr().out
-    if doc.name == "README.md":
+    if doc.name == "usage.md":  # its "Command line" section
         assert "Held-out reward accuracy (8 pairs): 0.500 before ->" in out and "Plot of loss, kl saved to" in out
         assert "Wrote 8 preference pairs from 8 prompts to pairs.jsonl" in out
+
+
+def test_benchmarks_are_run_as_modules():
+    """`benchmarks` is a package: its scripts are shown as `python -m benchmarks.NAME`, never by their file path."""
+    as_files = [
+        f"{doc.relative_to(ROOT)}:{text[: match.start()].count(chr(10)) + 1}: {match.group(0)}"
+        for doc in DOCS
+        for text in [doc.read_text()]
+        for match in re.finditer(r"python3? benchmarks/\w+\.py", text)
+    ]
+    assert not as_files, "\n".join(as_files)
+
+
+# Links between the docs. A file another engineer is writing in parallel may be linked before it lands; once it exists
+# its links and anchors are checked like any other.
+PENDING = {"docs/architecture.md"}
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation other than `-` and `_` dropped, spaces to hyphens."""
+    text = CODE_BLOCK.sub("", path.read_text())
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)
+    }
+
+
+def test_links_between_docs_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists and, with `#anchor`, a heading in it."""
+    problems = []
+    for doc in DOCS:
+        for target in LINK.findall(CODE_BLOCK.sub("", doc.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # https://, mailto:
+            path, _, anchor = target.partition("#")
+            resolved = (doc.parent / path).resolve() if path else doc
+            if not resolved.exists():
+                if str(resolved.relative_to(ROOT)) not in PENDING:
+                    problems.append(f"{doc.name}: {target}: no such file")
+            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+                problems.append(f"{doc.name}: {target}: no heading with that anchor")
+    assert not problems, "\n".join(problems)
