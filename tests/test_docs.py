@@ -76,9 +76,7 @@ def test_documented_commands_parse():
         if name == "dpo":
             recipe.parse(args)
         elif name == "iterative":
-            from trl_dpo_ext import train_iterative
-
-            train_iterative.parse(args)
+            recipe.parse_iterative(args)
         elif cli.COMMANDS[name].arguments is not None:
             TrlParser(cli.COMMANDS[name].arguments).parse_args_and_config(args)
         else:
