@@ -10,7 +10,7 @@ import pytest
 import tomllib
 import torch
 import yaml
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from recipe_run import HELDOUT_PAIRS, trained_run
 from transformers import LlamaForSequenceClassification
 
@@ -169,3 +169,29 @@ def test_score_prints_the_accuracy_the_recipe_printed(tmp_path_factory, capsys):
     after = re.search(r"-> (\S+) after training", run.stdout)[1]
     assert cli.main(["score", "--adapter", str(run.output_dir), "--max_pairs", str(HELDOUT_PAIRS)]) == 0
     assert capsys.readouterr().out.strip() == f"Held-out reward accuracy ({HELDOUT_PAIRS} pairs): {after}"
+
+
+def test_iterative_takes_a_reward_function_file_as_pairs_does(tiny_dir, tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARD_MODULE)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Is the Acme kettle good? Answer:\nCan you help me? Answer:\nSay hi. Answer:\n")
+    out = tmp_path / "run"
+    argv = [
+        "iterative", "--model_name_or_path", tiny_dir, "--prompts", str(prompts),
+        "--reward", f"{tmp_path / 'rewards.py'}:length", "--num_rounds", "1", "--num_samples", "4",
+        "--max_new_tokens", "8", "--max_steps", "1", "--per_device_train_batch_size", "2", "--lora_r", "4",
+        "--lora_alpha", "8", "--report_to", "none", "--save_strategy", "no", "--save_metrics_plot", "false",
+        "--disable_tqdm", "true", "--output_dir", str(out),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = load_from_disk(str(out / "round-1" / "pairs")).to_list()
+    assert rows
+    for row in rows:  # scored by the file's function: the length in characters
+        assert (row["score_chosen"], row["score_rejected"]) == (len(row["chosen"]), len(row["rejected"]))
+
+
+@pytest.mark.parametrize("flags", [["pairs", "--reward_fn"], ["iterative", "--reward"]], ids=["pairs", "iterative"])
+def test_a_bad_reward_spec_is_refused_alike_by_every_command(flags, tmp_path, capsys):
+    where = ["--output", str(tmp_path / "p.jsonl")] if flags[0] == "pairs" else ["--output_dir", str(tmp_path / "r")]
+    line = user_error([flags[0], *where, flags[1], "length"], capsys)
+    assert f"{flags[1]} must look like 'module:function' or 'file.py:function', got 'length'" in line

@@ -59,7 +59,7 @@ def run_pairs(args: "command_args.PairsArguments") -> int:
     from .atomic import atomic_write
     from .model_source import resolve_model_path
     from .pairs import build_preference_pairs
-    from .sampling import SamplingConfig, load_prompts, load_reward
+    from .sampling import Reward, load_prompts, load_reward
 
     output = Path(args.output)
     if output.suffix not in (".jsonl", ".parquet"):
@@ -68,39 +68,19 @@ def run_pairs(args: "command_args.PairsArguments") -> int:
         raise ValueError("pass exactly one of --reward_model and --reward_fn")
     # The data and the reward first: a bad file or spec fails before any model loads.
     prompts = load_prompts(args.prompts, args.prompts_split, args.max_prompts)
-    if args.reward_fn is not None:
-        reward = load_reward(args.reward_fn, "--reward_fn")
-    else:  # a Hub id is no directory: it is loaded as a reward model whatever its form
-        reward = load_reward(args.reward_model, "--reward_model") if Path(args.reward_model).is_dir() else None
-    sampling = SamplingConfig.from_flags(
-        {"num_samples": "k"},
-        num_samples=args.k,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        missing_eos_penalty=args.missing_eos_penalty
-        if reward is None
-        else (args.missing_eos_penalty if args.missing_eos_penalty is not None else reward.missing_eos_penalty),
-        seed=args.seed,
-    )
+    # --reward_model names a model (a directory or a Hub id); --reward_fn any reward spec.
+    reward = load_reward(args.reward_fn, "--reward_fn") if args.reward_fn else Reward(model_path=args.reward_model)
+    sampling = args.sampling(reward.missing_eos_penalty)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy_path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype="auto", device_map={"": device})
-    if reward is None:
-        from transformers import AutoModelForSequenceClassification
-
-        reward_model = AutoModelForSequenceClassification.from_pretrained(
-            args.reward_model, dtype="auto", device_map={"": device}
-        )
-    else:
-        reward_model = reward.load_model(device)
     pairs = build_preference_pairs(
         policy,
         tokenizer,
         prompts,
-        reward_fn=reward.function if reward is not None else None,
-        reward_model=reward_model,
+        reward_fn=reward.function,
+        reward_model=reward.load_model(device),
         sampling=sampling,
     )
     with atomic_write(output, "wb") as handle:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .model_source import MODEL_HELP
 from .preference_data import DEFAULT_PROMPTS
 from .sampling import DEFAULTS as SAMPLING_DEFAULTS
+from .sampling import SamplingConfig
 
 
 @dataclass
@@ -124,6 +125,14 @@ class PairsArguments:
         },
     )
     seed: int = field(default=SAMPLING_DEFAULTS.seed, metadata={"help": "Sampling seed."})
+
+    def sampling(self, reward_eos_penalty: float | None = None) -> SamplingConfig:
+        """These settings as the sampler reads them; the reward's EOS penalty where none is set here."""
+        penalty = self.missing_eos_penalty if self.missing_eos_penalty is not None else reward_eos_penalty
+        return SamplingConfig.from_flags(
+            {"num_samples": "k"}, num_samples=self.k, max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, batch_size=self.batch_size, missing_eos_penalty=penalty, seed=self.seed,
+        )  # fmt: skip
 
 
 @dataclass

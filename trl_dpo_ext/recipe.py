@@ -351,8 +351,8 @@ class IterativeRecipe(Recipe):
     def setup(self) -> None:
         iter_args = self.iter_args
         prompts = sampling.load_prompts(iter_args.prompts, iter_args.prompts_split, iter_args.max_prompts)
-        if iter_args.reward_model_path:
-            reward = sampling.load_reward(iter_args.reward_model_path, "--reward_model_path")
+        if iter_args.reward_model_path:  # a directory or a Hub id
+            reward = sampling.Reward(model_path=iter_args.reward_model_path)
         else:
             reward = sampling.load_reward(iter_args.reward, "--reward")
         if reward.missing_eos_penalty is not None and self.args.missing_eos_penalty is None:

@@ -8,6 +8,7 @@ collator's layout — what [`trl_dpo_ext.ImplicitReward`] and `trl-dpo-ext merge
 import dataclasses
 import json
 import logging
+from importlib.metadata import version
 from pathlib import Path
 
 from peft import PeftConfig
@@ -31,15 +32,13 @@ def save_training_config(trainer, output_dir: str | Path) -> Path:
     Returns:
         `Path` of the written file.
     """
-    from . import __version__  # here, not at the top: the package imports the trainer, which imports this module
-
     base = base_model(trainer.model)
     quantization = getattr(base.config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
     collator = trainer.data_collator
     payload = {
-        "trl_dpo_ext_version": __version__,
+        "trl_dpo_ext_version": version("trl_dpo_ext"),
         "quantization_config": quantization,
         "collator": dataclasses.asdict(collator) if isinstance(collator, PreferenceCollator) else None,
         "dpo_config": json.loads(trainer.args.to_json_string()),
