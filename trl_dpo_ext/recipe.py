@@ -129,21 +129,6 @@ def parse_iterative(argv: list[str] | None = None, prog: str | None = None):
     return make_iterative_parser(prog).parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
 
 
-def load_policy(model_path: str, model_args: QLoRAModelConfig, trust_remote_code: bool = False):
-    """The 4-bit base with LoRA that `model_args` describe (a fresh adapter, or the SFT one): every recipe's policy."""
-    return load_qlora_model(
-        model_path,
-        None if model_args.sft_adapter_path else get_peft_config(model_args),
-        sft_adapter_path=model_args.sft_adapter_path,
-        compute_dtype=model_args.bnb_4bit_compute_dtype,
-        double_quant=model_args.use_bnb_nested_quant,
-        quant_storage=model_args.bnb_4bit_quant_storage,
-        revision=model_args.model_revision,
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
-
-
 class Recipe:
     """
     The lifecycle both recipes share; a subclass fills in its steps. [`run`] calls them in order, in a world the
@@ -187,15 +172,29 @@ class Recipe:
     def report(self, before, trained, after):
         raise NotImplementedError
 
-    def load_model(self):
-        """The tokenizer and the QLoRA policy: `--model_name_or_path` resolved once, by the main process first (it
-        builds or converts a local model once; the other ranks then read it)."""
+    def load_tokenizer(self):
+        """`--model_name_or_path` resolved once (by the main process first: it builds or converts a local model once,
+        and the other ranks then read it), and its tokenizer."""
         with self.state.main_process_first():
             self.model_path = resolve_model_path(self.model_args.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(
+        return AutoTokenizer.from_pretrained(
             self.model_path, revision=self.model_args.model_revision, trust_remote_code=self.args.trust_remote_code
         )
-        return tokenizer, lambda: load_policy(self.model_path, self.model_args, self.args.trust_remote_code)
+
+    def load_policy(self):
+        """The 4-bit base with LoRA that the model settings describe (a fresh adapter, or the SFT one)."""
+        args = self.model_args
+        return load_qlora_model(
+            self.model_path,
+            None if args.sft_adapter_path else get_peft_config(args),
+            sft_adapter_path=args.sft_adapter_path,
+            compute_dtype=args.bnb_4bit_compute_dtype,
+            double_quant=args.use_bnb_nested_quant,
+            quant_storage=args.bnb_4bit_quant_storage,
+            revision=args.model_revision,
+            attn_implementation=args.attn_implementation,
+            trust_remote_code=self.args.trust_remote_code,
+        )
 
     def shutdown(self) -> None:
         # Why: DDP's C++ reducer holds the gloo process group. If the reducer is its last holder (freed with the
@@ -250,7 +249,7 @@ class DPORecipe(Recipe):
         if has_test and (measure_heldout or recipe_args.heldout_generations):
             validate_preference_dataset(dataset[script_args.dataset_test_split], script_args.dataset_test_split)
 
-        self.tokenizer, load = self.load_model()
+        self.tokenizer = self.load_tokenizer()
         if recipe_args.dataset_format == "chat":
             if self.tokenizer.chat_template is None:
                 raise ValueError(
@@ -266,7 +265,7 @@ class DPORecipe(Recipe):
             self.heldout = test.select(range(min(recipe_args.heldout_pairs, len(test))))
 
         self.trainer = DPOTrainer(
-            model=load(),
+            model=self.load_policy(),
             args=self.args,
             train_dataset=dataset[script_args.dataset_train_split],
             eval_dataset=self.heldout if self.args.eval_strategy != "no" else None,
@@ -357,9 +356,14 @@ class IterativeRecipe(Recipe):
             reward = sampling.load_reward(iter_args.reward, "--reward")
         if reward.missing_eos_penalty is not None and self.args.missing_eos_penalty is None:
             self.args.missing_eos_penalty = reward.missing_eos_penalty
-        tokenizer, load = self.load_model()
+        tokenizer = self.load_tokenizer()
         self.trainer = IterativeDPOTrainer(
-            load(), self.args, prompts, tokenizer, reward_fn=reward.function, reward_model=reward.load_model()
+            self.load_policy(),
+            self.args,
+            prompts,
+            tokenizer,
+            reward_fn=reward.function,
+            reward_model=reward.load_model(),
         )
 
     def train(self) -> list[dict]:
