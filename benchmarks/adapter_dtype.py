@@ -1,7 +1,7 @@
 """fp32 adapter master weights against TRL's bf16 cast, on the real model at a DPO learning rate (issue #16).
 
-    python benchmarks/adapter_dtype.py                      # 200 steps per arm at lr 5e-6 (~30 min on 2 CPU cores)
-    python benchmarks/adapter_dtype.py --steps 20           # a quick look
+    python -m benchmarks.adapter_dtype                      # 200 steps per arm at lr 5e-6 (~30 min on 2 CPU cores)
+    python -m benchmarks.adapter_dtype --steps 20           # a quick look
 
 Both arms: SmolLM2-135M-Instruct in 4-bit NF4 (fp32 compute) + LoRA r=16 on every linear layer, the same seed (so
 the same LoRA init), the bundled `smollm2-concise` pairs, β = 0.1, constant learning rate, the same `DPOConfig`; the
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.results_io import command, write_figure, write_json, write_text
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +137,7 @@ def report(results: list[dict], lr: float, batch: int) -> None:
         ax.legend()
     fig.suptitle(f"SmolLM2-135M-Instruct, 4-bit NF4 + LoRA r=16, lr {lr:g} constant, {batch} pairs/step")
     fig.tight_layout()
-    fig.savefig(RESULTS / "adapter_dtype.png", dpi=100)
+    write_figure(fig, RESULTS / "adapter_dtype.png", dpi=100)
 
     eval_steps = [step for step, _ in results[0]["heldout_accuracy"] if step > 0]  # step 0: every margin is 0
     at = "/".join(map(str, eval_steps))
@@ -156,7 +158,7 @@ def report(results: list[dict], lr: float, batch: int) -> None:
             f"| {r['heldout_margin'][-1][1]:.4f} | {accuracy} "
             f"| {100 * r['moved_fraction_mean']['lora_A']:.1f} % | {100 * r['moved_fraction_mean']['lora_B']:.1f} % |"
         )
-    (RESULTS / "adapter_dtype.md").write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "adapter_dtype.md", "\n".join(lines) + "\n")
 
 
 def _running_mean(values, window: int) -> list[float]:
@@ -177,17 +179,17 @@ def main() -> None:
     out = Path(args.out)
     if args.arm:
         result = run_arm(args.arm, args.steps, args.lr, args.eval_every, args.batch, out)
-        (out / f"{args.arm}.json").write_text(json.dumps(result))
+        write_json(out / f"{args.arm}.json", result, indent=None)
         return
     out.mkdir(parents=True, exist_ok=True)
     for arm in ARMS if not args.report_only else ():
         flags = ["--steps", str(args.steps), "--lr", str(args.lr), "--batch", str(args.batch)]
         flags += ["--eval_every", str(args.eval_every), "--out", str(out), "--arm", arm]
-        subprocess.run([sys.executable, __file__, *flags], check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.adapter_dtype", *flags], check=True)
     results = [json.loads((out / f"{arm}.json").read_text()) for arm in ARMS]
-    RESULTS.mkdir(exist_ok=True)
-    command = f"python benchmarks/adapter_dtype.py --steps {args.steps} --lr {args.lr:g} --batch {args.batch}"
-    (RESULTS / "adapter_dtype.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    run = command("adapter_dtype", "--steps", args.steps, "--lr", f"{args.lr:g}", "--batch", args.batch)
+    # Before `report`, which sorts the held-out curves in place.
+    write_json(RESULTS / "adapter_dtype.json", {"command": run, "results": results})
     report(results, args.lr, args.batch)
 
 

@@ -1,8 +1,8 @@
 """Steps/s, tokens/s and peak memory of `trl_dpo_ext.DPOTrainer` against stock `trl.DPOTrainer`.
 
-    python benchmarks/bench_throughput.py                 # CPU: three workloads, alternating runs, 2 cores
-    python benchmarks/bench_throughput.py --model smollm2 # CPU: the real SmolLM2-135M-Instruct on its chat pairs
-    python benchmarks/bench_throughput.py --device cuda   # GPU: 8B- and 1.5B-shaped QLoRA models
+    python -m benchmarks.bench_throughput                 # CPU: three workloads, alternating runs, 2 cores
+    python -m benchmarks.bench_throughput --model smollm2 # CPU: the real SmolLM2-135M-Instruct on its chat pairs
+    python -m benchmarks.bench_throughput --device cuda   # GPU: 8B- and 1.5B-shaped QLoRA models
 
 Both trainers get the same 4-bit NF4 base (random weights built from a config: speed and memory do not depend on the
 values), the same LoRA config (r=16, all linear layers), the same data and the same `DPOConfig` (dtype, gradient
@@ -15,7 +15,7 @@ Workloads, each a pair of prompt / answer lengths (±25 % per row, so batches ha
   `smollm2-concise` chat pairs (system + question ≈ 40 tokens, answers ≈ 60), and (t) = (s) with a warm cache.
 
 The adapter weights are bf16 in both trainers here (ours with `adapter_dtype="bfloat16"`, TRL's cast), so the two
-run the same config; what fp32 masters cost is measured by `benchmarks/adapter_dtype.py`.
+run the same config; what fp32 masters cost is measured by `benchmarks.adapter_dtype`.
 
 The limit row (issue #18): a bare forward + backward of the same LoRA model over each pair's unique tokens
 (`prompt + chosen + rejected`, one causal row per pair, a step's pairs right-padded into one batch, the LM head over
@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results_io import write_results
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,22 +227,23 @@ def _trainer(trainer_class, args, base, tokenizer, rows: list[dict]):
     )
 
 
-def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settings: dict) -> dict:
-    """Train `warmup + steps` steps with one trainer and measure the timed steps."""
+def trainer_classes(impl: str) -> tuple[type, type]:
+    """The config and trainer classes of `impl`: "ours" (`trl_dpo_ext`) or "stock" (`trl`)."""
     import trl
 
     import trl_dpo_ext
 
-    if impl == "limit":
-        return run_limit(base, tokenizer, rows, settings) | {"workload": workload}
+    return (trl_dpo_ext.DPOConfig, trl_dpo_ext.DPOTrainer) if impl == "ours" else (trl.DPOConfig, trl.DPOTrainer)
+
+
+def training_config(impl: str, workload: str, settings: dict):
+    """The config of one timed run: the same fields for both trainers, plus ours' layout and cache flags."""
     ours = impl == "ours"
-    config_class, trainer_class = (
-        (trl_dpo_ext.DPOConfig, trl_dpo_ext.DPOTrainer) if ours else (trl.DPOConfig, trl.DPOTrainer)
-    )
     warm = workload in ("c", "t")
     flags = dict(share_prompt=True, packing=settings["packing"], ref_cache=warm, adapter_dtype="bfloat16")
     flags = flags if ours else {}
-    args = config_class(
+    config_class, _ = trainer_classes(impl)
+    return config_class(
         output_dir=tempfile.mkdtemp(prefix="bench-"),
         per_device_train_batch_size=settings["batch_size"],
         max_length=settings["max_length"],
@@ -256,8 +259,15 @@ def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settin
         **flags,
         **({"ref_cache_dir": settings["cache_dir"]} if ours else {}),
     )
+
+
+def run_once(impl: str, workload: str, base, tokenizer, rows: list[dict], settings: dict) -> dict:
+    """Train `warmup + steps` steps with one trainer and measure the timed steps."""
+    if impl == "limit":
+        return run_limit(base, tokenizer, rows, settings) | {"workload": workload}
+    _, trainer_class = trainer_classes(impl)
     timer = StepTimer(settings["warmup"])
-    trainer = _trainer(trainer_class, args, base, tokenizer, rows)
+    trainer = _trainer(trainer_class, training_config(impl, workload, settings), base, tokenizer, rows)
     trainer.add_callback(timer.callback)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -310,7 +320,8 @@ def prepare_cpu(args) -> None:
     LlamaForCausalLM(config).save_pretrained(model_dir)
 
 
-def cpu_worker(args) -> None:
+def cpu_inputs(args) -> tuple:
+    """What a CPU worker trains: the 4-bit base, its tokenizer, the rows and `run_once`'s settings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_dpo_ext.models import keep_fp32_cpu_kernels, nf4_config
@@ -333,11 +344,27 @@ def cpu_worker(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(torch.float32))
     keep_fp32_cpu_kernels(base)  # both trainers on the fp32 4-bit path (stock TRL would not set it)
+    return base, tokenizer, rows, settings
+
+
+def cpu_worker(args) -> None:
+    base, tokenizer, rows, settings = cpu_inputs(args)
     print("RESULT " + json.dumps(run_once(args.impl, args.workload, base, tokenizer, rows, settings)))
 
 
 def spawn(args, impl: str, workload: str) -> dict:
-    command = [sys.executable, __file__, "--worker", "--impl", impl, "--workload", workload, "--model", args.model]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_throughput",
+        "--worker",
+        "--impl",
+        impl,
+        "--workload",
+        workload,
+        "--model",
+        args.model,
+    ]
     for name in ("workdir", "batch_size", "sequence_length", "warmup", "steps"):
         command += [f"--{name}", str(getattr(args, name))]
     command += ["--packing"] if args.packing else []
@@ -499,7 +526,7 @@ def table(results: list[dict], memory_key: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
@@ -529,6 +556,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (4 if args.device == "cpu" else 2)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
         return cpu_worker(args)
 
@@ -550,12 +582,10 @@ def main(argv: list[str] | None = None) -> None:
     header = f"device: {device} · torch {torch.__version__} · {runs} · wall {time.perf_counter() - started:.0f} s"
     print(header + "\n\n" + report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         name = (
             "fit_cuda" if args.fit else f"throughput_{args.device}" + ("_smollm2" if args.model == "smollm2" else "")
         )
-        (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
-        (args.out / f"{name}.md").write_text(header + "\n\n" + report + "\n")
+        write_results(args.out, name, results, report, header=header)
 
 
 def fit_table() -> str:

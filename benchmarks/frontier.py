@@ -1,8 +1,8 @@
 """The DPO paper's reward-vs-KL experiment (Rafailov et al. 2023, Sec. 6.1, Fig. 2 left), small, offline, on a CPU.
 
-    python benchmarks/frontier.py --jobs 2                  # full mode, seeds 0 1 2: benchmarks/results/frontier/
-    python benchmarks/frontier.py --real_model --seeds 0 --threads 2   # SmolLM2-135M-Instruct as π_ref, reduced
-    python benchmarks/frontier.py --quick --out /tmp/frontier   # a small smoke run of the same pipeline (CI)
+    python -m benchmarks.frontier --jobs 2                  # full mode, seeds 0 1 2: benchmarks/results/frontier/
+    python -m benchmarks.frontier --real_model --seeds 0 --threads 2   # SmolLM2-135M-Instruct as π_ref, reduced
+    python -m benchmarks.frontier --quick --out /tmp/frontier   # a small smoke run of the same pipeline (CI)
 
 Pipeline, top to bottom:
 1. a synthetic review corpus (`frontier_task.py`) → a locally trained BPE tokenizer and a tiny Llama trained on it
@@ -53,18 +53,15 @@ from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase, TrainerCallback, set_seed  # noqa: E402
 
+from benchmarks.frontier_report import aggregate_seeds, environment, mean, sem, write_outputs  # noqa: E402
+from benchmarks.frontier_task import make_corpus, make_prompts, sentiment_reward  # noqa: E402
+from benchmarks.results_io import command, write_json  # noqa: E402
 from trl_dpo_ext import DPOConfig, DPOTrainer, build_preference_pairs, load_qlora_model  # noqa: E402
-from trl_dpo_ext.atomic import atomic_write  # noqa: E402
 from trl_dpo_ext.behaviour import generation_model  # noqa: E402
 from trl_dpo_ext.iterative import IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
 from trl_dpo_ext.pairs import mask_pad_id, sample_completions  # noqa: E402
 from trl_dpo_ext.smollm2 import smollm2_path  # noqa: E402
 from trl_dpo_ext.tiny_model import build_tokenizer, tiny_llama_config  # noqa: E402
-
-
-sys.path.insert(0, str(Path(__file__).parent))
-from frontier_report import aggregate_seeds, environment, mean, sem, write_outputs  # noqa: E402
-from frontier_task import make_corpus, make_prompts, sentiment_reward  # noqa: E402
 
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "frontier"
@@ -614,13 +611,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if len(seeds) == 1:
         per_seed = [run_seed(replace(base, seed=seeds[0]))]
-        with atomic_write(out / "seed.json") as handle:  # what a parent run of several seeds reads back
-            json.dump(per_seed[0], handle, indent=1)
+        write_json(out / "seed.json", per_seed[0])  # what a parent run of several seeds reads back
     else:  # one process per seed, `--jobs` at a time, each in OUT/seed-N
         per_seed = run_seed_processes(cli, seeds, out)
     results = {
         "mode": mode,
-        "command": " ".join(["python", "benchmarks/frontier.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command("frontier", *(argv if argv is not None else sys.argv[1:])),
         "settings": asdict(replace(base, seed=seeds[0])) | {"seed": seeds},
         "seeds": seeds,
         "jobs": cli.jobs,
@@ -634,16 +630,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_seed_processes(cli: argparse.Namespace, seeds: list[int], out: Path) -> list[dict]:
-    """Run each seed as `frontier.py --seeds N --out OUT/seed-N` (log: OUT/seed-N.log), `cli.jobs` at a time."""
+    """
+    Run each seed as `python -m benchmarks.frontier --seeds N --out OUT/seed-N` (log: OUT/seed-N.log), `cli.jobs` at
+    a time.
+    """
     mode = ["--quick"] if cli.quick else ["--real_model"] if cli.real_model else []
     pending, running = list(seeds), []
     while pending or running:
         while pending and len(running) < cli.jobs:
             seed = pending.pop(0)
-            command = [sys.executable, __file__, *mode, "--seeds", str(seed), "--threads", str(cli.threads)]
-            command += ["--out", str(out / f"seed-{seed}")]
+            seed_command = [sys.executable, "-m", "benchmarks.frontier", *mode, "--seeds", str(seed)]
+            seed_command += ["--threads", str(cli.threads), "--out", str(out / f"seed-{seed}")]
             log = (out / f"seed-{seed}.log").open("w")
-            running.append((seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+            running.append((seed, subprocess.Popen(seed_command, stdout=log, stderr=subprocess.STDOUT), log))
         for item in list(running):
             seed, process, log = item
             if process.poll() is None:

@@ -1,4 +1,4 @@
-"""Outputs of `benchmarks/frontier.py`: the reward-vs-KL frontiers compared, and the PNG, CSV, JSON and markdown.
+"""Outputs of `benchmarks.frontier`: the reward-vs-KL frontiers compared, and the PNG, CSV, JSON and markdown.
 
 A point is one evaluation of one run: `method`, `setting`, `checkpoint` ("half", "end", "round r"), `final`, `step`,
 `reward`/`reward_sem`, `kl`/`kl_sem`, and its cost so far (`train_seconds`, `train_gen_tokens`, `data_seconds`,
@@ -6,14 +6,11 @@ A point is one evaluation of one run: `method`, `setting`, `checkpoint` ("half",
 point is the mean of the seeds' points, its `*_sem` the standard error over the seeds.
 """
 
-import csv
-import io
-import json
 import math
 import platform
 from pathlib import Path
 
-from trl_dpo_ext.atomic import atomic_write
+from benchmarks.results_io import write_csv, write_figure, write_results
 
 
 STYLES = {  # method → (marker, color)
@@ -169,15 +166,8 @@ def write_outputs(results: dict, out: Path) -> None:
         compare(x, y, points) for a, b in COMPARISONS for x, y in ((a, b), (b, a)) if {x, y} <= methods
     ]
     results["costs"] = method_costs(points)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "frontier.json") as handle:
-        json.dump(results, handle, indent=1)
-    with atomic_write(out / "frontier.csv", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(points)
-    with atomic_write(out / "frontier.md") as handle:
-        handle.write(markdown(results))
+    write_results(out, "frontier", results, markdown(results))
+    write_csv(out / "frontier.csv", points, CSV_COLUMNS)
     title = f"Reward vs KL ({results['mode']} mode, {len(results['seeds'])} seed(s))"
     plot(points, out / "frontier.png", title=title)
 
@@ -250,7 +240,7 @@ def markdown(results: dict) -> str:
                 f"| {c['method']} | {c['runs']} | {c['seconds']:.0f} | {c['train_seconds']:.0f} "
                 f"| {c['gen_tokens']:,.0f} | 1 |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -303,8 +293,4 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    write_figure(fig, path, dpi=110)

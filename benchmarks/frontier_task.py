@@ -1,4 +1,4 @@
-"""The synthetic task of `benchmarks/frontier.py`: a product-review grammar and a lexicon sentiment reward.
+"""The synthetic task of `benchmarks.frontier`: a product-review grammar and a lexicon sentiment reward.
 
 It stands in for the DPO paper's IMDb setup (Rafailov et al. 2023, Sec. 6.1): reviews to pretrain a small LM on,
 review prefixes as prompts, and a ground-truth sentiment score of the whole review as the reward. Everything here is

@@ -1,7 +1,7 @@
 """The LM head on the CPU (issue #18): TRL's fused head against the model's own projection + `head_statistics`.
 
-    python benchmarks/lm_head_cpu.py
-    python benchmarks/lm_head_cpu.py --out benchmarks/results
+    python -m benchmarks.lm_head_cpu
+    python -m benchmarks.lm_head_cpu --out benchmarks/results
 
 For the answer positions of one step (`positions` rows of `hidden`) and a vocabulary of `vocab` entries, forward +
 backward (gradient to the hidden states, as in LoRA training: the head itself is frozen) and forward alone without
@@ -19,16 +19,14 @@ chat pairs (4 pairs of ~60-token answers: 480 positions). Medians of `--repeats`
 """
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.results_io import command, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"tiny-32k (a)": (160, 256, 32000), "smollm2 (s)": (480, 576, 49152)}
 STATISTICS = ("log_probs", "entropy", "mean_logits", "is_top1")
@@ -103,9 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     report = "\n".join(lines)
     print(report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "lm_head_cpu.md").write_text("`python benchmarks/lm_head_cpu.py`\n\n" + report + "\n")
-        (args.out / "lm_head_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
+        header = f"`{command('lm_head_cpu')}`"
+        write_results(args.out, "lm_head_cpu", results, report, header=header, final_newline=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Where a training step of ours goes on the CPU (issue #18): torch profiler over timed steps, grouped two ways.
 
-    python benchmarks/profile_step.py                      # workload (a) prompt-heavy, cold reference
-    python benchmarks/profile_step.py --workload c         # (a) with a warm reference cache
-    python benchmarks/profile_step.py --out benchmarks/results
+    python -m benchmarks.profile_step                      # workload (a) prompt-heavy, cold reference
+    python -m benchmarks.profile_step --workload c         # (a) with a warm reference cache
+    python -m benchmarks.profile_step --out benchmarks/results
 
-The model, data and `DPOConfig` are `bench_throughput.py`'s (the 32k-vocabulary NF4 Llama, batch 4, ~100 tokens per
-sequence, fp32, LoRA r=16 all-linear). Two tables, both as a share of the profiled steps' wall time:
+The model, data and `DPOConfig` are those of a `bench_throughput` CPU worker of ours at its default flags (the
+32k-vocabulary NF4 Llama, batch 4, ~100 tokens per sequence, fp32, LoRA r=16 all-linear). Two tables, both as a
+share of the profiled steps' wall time:
 
 - **regions** (inclusive time, so a region holds the ops it ran): the collator, building the 4D layout mask (once
   per forward: policy and reference), the CPU head's log-softmax and statistics (`logps.head_statistics`, forward
@@ -18,24 +19,16 @@ sequence, fp32, LoRA r=16 all-linear). Two tables, both as a share of the profil
 
 import argparse
 import functools
-import json
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_throughput import (  # noqa: E402
-    CPU_MODEL,
-    WORKLOADS,
-    _trainer,
-    preference_rows,
-    prepare_cpu,
-)
+from benchmarks import bench_throughput
+from benchmarks.bench_throughput import WORKLOADS
+from benchmarks.results_io import command, write_results
 
 
 # Self-time op classes, first match wins. Backward nodes carry their forward op's name.
@@ -106,39 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
 
     import trl_dpo_ext
-    from trl_dpo_ext.models import keep_fp32_cpu_kernels, nf4_config
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    prepare_cpu(args)
-    model_dir = args.workdir / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(torch.float32))
-    keep_fp32_cpu_kernels(base)
-    batch, total = 4, args.warmup + args.steps
-    rows = preference_rows(batch * total, 100, WORKLOADS[args.workload][1], CPU_MODEL["vocab_size"], seed=1)
-    warm = args.workload == "c"
-    config = trl_dpo_ext.DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="profile-"),
-        per_device_train_batch_size=batch,
-        max_length=150,
-        max_steps=total,
-        learning_rate=1e-4,
-        logging_steps=1,
-        bf16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-        share_prompt=True,
-        ref_cache=warm,
-        ref_cache_dir=str(args.workdir / "ref_cache"),
-        adapter_dtype="bfloat16",
-    )
-    trainer = _trainer(trl_dpo_ext.DPOTrainer, config, base, tokenizer, rows)
+    # The worker `bench_throughput` would run for ours on this workload, its other flags at their defaults.
+    worker = ["--worker", "--impl", "ours", "--workload", args.workload, "--workdir", str(args.workdir)]
+    worker += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    worker = bench_throughput.parse_args(worker)
+    bench_throughput.prepare_cpu(worker)
+    base, tokenizer, rows, settings = bench_throughput.cpu_inputs(worker)
+    config = bench_throughput.training_config("ours", args.workload, settings)
+    trainer = bench_throughput._trainer(trl_dpo_ext.DPOTrainer, config, base, tokenizer, rows)
     labels = mark_regions(trainer)
 
     schedule = torch.profiler.schedule(wait=args.warmup, warmup=0, active=args.steps, repeat=1)
@@ -195,13 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     report = "\n".join(lines)
     print(report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"profile_cpu_{args.workload}.md").write_text(
-            f"`python benchmarks/profile_step.py --workload {args.workload}`\n\n" + report + "\n"
-        )
-        (args.out / f"profile_cpu_{args.workload}.json").write_text(
-            json.dumps({"ms_per_step": ms_per_step, "regions_us": rows_out, "op_classes_us": classes}, indent=1)
-        )
+        record = {"ms_per_step": ms_per_step, "regions_us": rows_out, "op_classes_us": classes}
+        header = f"`{command('profile_step', '--workload', args.workload)}`"
+        write_results(args.out, f"profile_cpu_{args.workload}", record, report, header=header)
 
 
 if __name__ == "__main__":

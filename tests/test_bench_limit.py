@@ -1,18 +1,9 @@
-"""`benchmarks/bench_throughput.py`'s limit row: one bare forward + backward per step over its pairs' unique tokens."""
-
-import importlib.util
-import sys
-from pathlib import Path
+"""`benchmarks.bench_throughput`'s limit row: one bare forward + backward per step over its pairs' unique tokens."""
 
 import pytest
 from conftest import PAIRS
 
-
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "benchmarks" / "bench_throughput.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from benchmarks import bench_throughput as bench
 
 
 def test_limit_runs_each_step_once_over_its_pairs_unique_tokens(load_4bit, tokenizer):

@@ -1,12 +1,8 @@
-"""`benchmarks/lm_head_cpu.py` runs both heads on the shapes it is given and reports every timing."""
+"""`benchmarks.lm_head_cpu` runs both heads on the shapes it is given and reports every timing."""
 
 import json
-import sys
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from benchmarks import lm_head_cpu as bench  # noqa: E402
+from benchmarks import lm_head_cpu as bench
 
 
 def test_lm_head_benchmark_times_both_heads(tmp_path, monkeypatch):

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import frontier
+from benchmarks.frontier import expected_best_of_k
+from benchmarks.frontier import main as frontier_main
+from benchmarks.frontier_report import aggregate_seeds
+from benchmarks.frontier_task import make_corpus, make_prompts, review_score, sentiment_reward
+
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import frontier  # noqa: E402
-from frontier import expected_best_of_k  # noqa: E402
-from frontier import main as frontier_main  # noqa: E402
-from frontier_report import aggregate_seeds  # noqa: E402
-from frontier_task import make_corpus, make_prompts, review_score, sentiment_reward  # noqa: E402
 
 
 def test_reward_is_the_lexicon_score_a_reader_can_check():
@@ -71,10 +70,10 @@ def test_seeds_aggregate_to_their_mean_with_the_standard_error_over_seeds():
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> Path:
-    """`python benchmarks/frontier.py --quick --out DIR`, as a user runs it (about a minute on a 2-core CPU)."""
+    """`python -m benchmarks.frontier --quick --out DIR` in the repository root, as a user runs it (about a minute)."""
     out = tmp_path_factory.mktemp("frontier")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--out", str(out)]
+    command = [sys.executable, "-m", "benchmarks.frontier", "--quick", "--out", str(out)]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Wrote {out}/frontier.{{png,csv,json,md}}" in result.stdout

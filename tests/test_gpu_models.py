@@ -1,7 +1,4 @@
-"""`benchmarks/gpu_models.py`: a random QLoRA model built without files equals `load_qlora_model` of a saved one."""
-
-import importlib.util
-from pathlib import Path
+"""`benchmarks.gpu_models`: a random QLoRA model built without files equals `load_qlora_model` of a saved one."""
 
 import bitsandbytes as bnb
 import pytest
@@ -10,13 +7,9 @@ from peft import LoraConfig
 from safetensors import safe_open
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from benchmarks import gpu_models
 from trl_dpo_ext import load_qlora_model
 
-
-ROOT = Path(__file__).parents[1]
-spec = importlib.util.spec_from_file_location("gpu_models", ROOT / "benchmarks" / "gpu_models.py")
-gpu_models = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_models)
 
 # Small enough for a 2-core CPU; head_dim 16 and NF4's 64-value blocks still divide every weight.
 TINY = dict(
