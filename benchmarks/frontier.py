@@ -57,9 +57,8 @@ from benchmarks.frontier_report import aggregate_seeds, environment, mean, sem, 
 from benchmarks.frontier_task import make_corpus, make_prompts, sentiment_reward  # noqa: E402
 from benchmarks.results_io import command, write_json  # noqa: E402
 from trl_dpo_ext import DPOConfig, DPOTrainer, build_preference_pairs, load_qlora_model  # noqa: E402
-from trl_dpo_ext.behaviour import generation_model  # noqa: E402
 from trl_dpo_ext.iterative import IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
-from trl_dpo_ext.pairs import mask_pad_id, sample_completions  # noqa: E402
+from trl_dpo_ext.sampling import SamplingConfig, generate, generation_model, mask_pad_id  # noqa: E402
 from trl_dpo_ext.smollm2 import smollm2_path  # noqa: E402
 from trl_dpo_ext.tiny_model import build_tokenizer, tiny_llama_config  # noqa: E402
 
@@ -381,11 +380,11 @@ def best_of_k(reference: PeftModel, tokenizer: PreTrainedTokenizerBase, prompts:
     clock, n = time.perf_counter(), s.bok_samples
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     per_prompt, tokens = [], 0
-    with generation_model(reference) as sampler, torch.random.fork_rng():
-        torch.manual_seed(s.seed)
-        batches = sample_completions(
-            sampler, tokenizer, ids, n, s.max_new_tokens, 1.0, max(1, 64 // n), tokenizer.eos_token_id
-        )
+    settings = SamplingConfig(
+        num_samples=n, max_new_tokens=s.max_new_tokens, temperature=1.0, batch_size=max(1, 64 // n), seed=s.seed
+    )
+    with generation_model(reference) as sampler:
+        batches = generate(sampler, tokenizer, ids, settings)
         pad = mask_pad_id(tokenizer, sampler)
         for query_responses, context in batches:
             responses = [r[r != pad] for r in query_responses[:, context:]]
