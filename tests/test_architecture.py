@@ -25,7 +25,7 @@ def layers() -> dict[str, int]:
 
 
 def imports(path: Path) -> set[str]:
-    """The package's modules that `path` imports, at its top or inside a function (a lazy import is a dependency too)."""
+    """Our modules that `path` imports, at its top or inside a function (a lazy import is a dependency too)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
