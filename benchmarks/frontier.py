@@ -346,9 +346,9 @@ def fp32_adapters(trainer) -> None:
     setting); on this CPU run the 4-bit matmuls compute in float32 and bf16 adapter math made every step about twice
     as slow. Done for every method alike, before `train()` builds the optimizer.
     """
-    for param in trainer.model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+    from trl_dpo_ext.models import cast_adapter_weights
+
+    cast_adapter_weights(trainer.model, torch.float32)
 
 
 def train_and_probe(make_trainer: Callable[[list], object], evaluate, counter: dict, rounds=None) -> list[dict]:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.experimental.utils import get_reward
 
+from .models import mask_pad_id, safe_pad_id
 from .preference_data import is_blank
 
 
@@ -33,19 +34,6 @@ def _prompt_text(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> str:
     if ids and bos is not None and ids[0] == bos and tokenizer("").input_ids[:1] == [bos]:
         ids = ids[1:]
     return tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def safe_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
-    """A pad id the model can embed. TRL's PPO example adds a new `[PAD]` token without resizing the embeddings, so
-    its id is out of range; padded positions are masked anyway, so any in-range id (eos) serves."""
-    vocab = model.get_input_embeddings().num_embeddings
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None and pad < vocab else tokenizer.eos_token_id
-
-
-def mask_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
-    """The id that marks padding in a `(query, response)` layout: the tokenizer's pad, else [`safe_pad_id`]."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else safe_pad_id(tokenizer, model)
 
 
 @torch.no_grad()
