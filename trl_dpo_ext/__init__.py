@@ -30,8 +30,8 @@ _EXPORTS = {
     "load_preference_dataset": "data",
     "load_qlora_model": "models",
     "merge_adapter": "export",
-    "preference_accuracy": "reward",
-    "reward_margins": "reward",
+    "preference_accuracy": "metrics",
+    "reward_margins": "implicit_reward",
     "to_conversational": "data",
     "validate_preference_dataset": "data",
 }

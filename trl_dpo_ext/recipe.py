@@ -21,9 +21,10 @@ from trl import ScriptArguments, TrlParser, get_peft_config
 from . import behaviour
 from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, RecipeArguments, device_defaults
 from .errors import UserError
+from .implicit_reward import reward_margins
+from .metrics import preference_accuracy
 from .models import load_qlora_model
 from .preference_data import load_preference_dataset, to_conversational, validate_preference_dataset
-from .reward import preference_accuracy, reward_margins
 from .runlock import RunLock
 from .smollm2 import resolve_model_name
 from .tiny_model import default_model_path
