@@ -58,7 +58,8 @@ from benchmarks.frontier_task import make_corpus, make_prompts, sentiment_reward
 from benchmarks.results_io import command, write_json  # noqa: E402
 from trl_dpo_ext import DPOConfig, DPOTrainer, build_preference_pairs, load_qlora_model  # noqa: E402
 from trl_dpo_ext.iterative import IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
-from trl_dpo_ext.sampling import SamplingConfig, generate, generation_model, mask_pad_id  # noqa: E402
+from trl_dpo_ext.models import mask_pad_id  # noqa: E402
+from trl_dpo_ext.sampling import SamplingConfig, generate, generation_model  # noqa: E402
 from trl_dpo_ext.smollm2 import smollm2_path  # noqa: E402
 from trl_dpo_ext.tiny_model import build_tokenizer, tiny_llama_config  # noqa: E402
 
@@ -342,9 +343,9 @@ def fp32_adapters(trainer) -> None:
     setting); on this CPU run the 4-bit matmuls compute in float32 and bf16 adapter math made every step about twice
     as slow. Done for every method alike, before `train()` builds the optimizer.
     """
-    for param in trainer.model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+    from trl_dpo_ext.models import cast_adapter_weights
+
+    cast_adapter_weights(trainer.model, torch.float32)
 
 
 def train_and_probe(make_trainer: Callable[[list], object], evaluate, counter: dict, rounds=None) -> list[dict]:

@@ -15,6 +15,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_dpo_ext import DPOTrainer, load_qlora_model
+from trl_dpo_ext.models import cast_adapter_weights
 
 
 # Step 1 moves only lora_B (lora_A's gradient is B^T·(…) = 0 while B = 0). In the next steps a few lora_A entries still
@@ -77,3 +78,26 @@ def test_every_adapter_entry_moves_at_dpo_learning_rates(lr, tiny_dir, tokenizer
         cast = moved_fraction(cls, tiny_dir, tokenizer, dpo_args, lr, **extra)
         lora_a = [f for n, f in cast.items() if "lora_A" in n]
         assert lora_a and sum(lora_a) / len(lora_a) < 0.5, (cls.__name__, lora_a)
+
+
+def test_cast_adapter_weights_casts_what_it_names(tiny_dir):
+    model = load_qlora_model(tiny_dir, LORA)
+    model.add_adapter("ref", LORA)  # not active, so frozen
+    model.set_adapter("default")
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    trainable = {n for n, p in lora.items() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    # By default, the trainable weights (what the optimizer updates); again, nothing is left to cast.
+    assert cast_adapter_weights(model, torch.bfloat16) == len(trainable)
+    assert cast_adapter_weights(model, torch.bfloat16) == 0
+    # A named adapter: its LoRA weights, frozen or not.
+    ref = {n for n in lora if ".ref." in n}
+    assert cast_adapter_weights(model, torch.bfloat16, "ref") == len(ref)
+    # Only some names.
+    some = set(sorted(trainable)[:2])
+    assert cast_adapter_weights(model, torch.float32, names=some) == 2
+    after = {n: p.dtype for n, p in model.named_parameters()}
+    for name, dtype in after.items():
+        want = torch.float32 if name in some else torch.bfloat16 if name in trainable | ref else dtypes[name]
+        assert dtype == want, name

@@ -54,7 +54,7 @@ def test_pad_to_multiple_of():
 
 
 def test_bad_padding_side():
-    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
+    with pytest.raises(ValueError, match="`padding_side` must be 'right' or 'left', got 'middle'"):
         PreferenceCollator(pad_token_id=0, padding_side="middle")
 
 

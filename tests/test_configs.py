@@ -1,12 +1,15 @@
 """Every YAML config under trl_dpo_ext/configs parses into the recipe's dataclasses; config validation errors."""
 
 import importlib.util
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import trl
 import yaml
 
-from trl_dpo_ext import DPOConfig, QLoRAModelConfig
+from trl_dpo_ext import DPOConfig, QLoRAModelConfig, cli
+from trl_dpo_ext.config import extension_setting
 
 
 ROOT = Path(__file__).parents[1]
@@ -56,3 +59,36 @@ def test_config_validation_names_the_field():
         QLoRAModelConfig(load_in_4bit=False)
     with pytest.raises(ValueError, match="`bnb_4bit_quant_type` must be 'nf4'"):
         QLoRAModelConfig(bnb_4bit_quant_type="fp4")
+    with pytest.raises(ValueError, match="`bnb_4bit_compute_dtype` must be one of"):
+        QLoRAModelConfig(bnb_4bit_compute_dtype="int8")
+    with pytest.raises(ValueError, match="`bnb_4bit_quant_storage` must be one of"):
+        QLoRAModelConfig(bnb_4bit_quant_storage="int8")
+
+
+def test_dpo_help_says_what_padding_free_does_here():
+    """TRL 1.16's help says padding_free is unavailable and falls back to padding; here it turns on packing."""
+    (action,) = [a for a in cli.command_parser("dpo")._actions if "--padding_free" in a.option_strings]
+    assert "packing" in action.help and "temporarily unavailable" not in action.help.lower()
+    stock = next(f for f in fields(trl.DPOConfig) if f.name == "padding_free")
+    assert "temporarily unavailable" in stock.metadata["help"].lower()  # what this test guards against
+
+
+def test_retold_trl_fields_keep_trls_defaults(tmp_path):
+    ours, stock = DPOConfig(output_dir=str(tmp_path), bf16=False), trl.DPOConfig(output_dir=str(tmp_path), bf16=False)
+    retold = set(DPOConfig.__annotations__) & {f.name for f in fields(trl.DPOConfig)}
+    assert {"padding_free", "max_length", "precompute_ref_log_probs", "ld_alpha"} <= retold
+    for name in retold:
+        assert getattr(ours, name) == getattr(stock, name), name
+
+
+def test_extension_settings_default_to_our_config_fields(tmp_path):
+    stock = trl.DPOConfig(output_dir=str(tmp_path), bf16=False)
+    default = DPOConfig(output_dir=str(tmp_path), bf16=False)
+    own = [f for f in fields(DPOConfig) if not hasattr(stock, f.name)]
+    assert {"share_prompt", "adapter_dtype", "max_consecutive_nonfinite"} <= {f.name for f in own}
+    for f in own:  # a plain TRL config reads our field's default, and ours its value
+        assert extension_setting(stock, f.name) == f.default == extension_setting(default, f.name)
+    ours = DPOConfig(output_dir=str(tmp_path), bf16=False, max_consecutive_nonfinite=7)
+    assert extension_setting(ours, "max_consecutive_nonfinite") == 7
+    with pytest.raises(KeyError):
+        extension_setting(ours, "beta")  # TRL's field: read it directly

@@ -18,8 +18,16 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from trl_dpo_ext import DPOTrainer, PreferenceCollator
-from trl_dpo_ext.layout import block_attention_mask, pair_docs, rows_from_docs, truncate, unsupported_reasons
+from trl_dpo_ext import DPOTrainer, ImplicitReward, PreferenceCollator
+from trl_dpo_ext.layout import (
+    Layout,
+    block_attention_mask,
+    choose_layout,
+    pair_docs,
+    rows_from_docs,
+    truncate,
+    unsupported_reasons,
+)
 from trl_dpo_ext.logps import completion_token_logps
 from trl_dpo_ext.models import nf4_config
 from trl_dpo_ext.preference_data import bundled_preference_dataset
@@ -125,8 +133,52 @@ def test_unsupported_attention_falls_back_to_plain_layout(tokenizer, pairs, dpo_
     assert (trainer.share_prompt, trainer.packing) == (False, False)
     assert not trainer.data_collator.share_prompt and not trainer.data_collator.packing
     assert "Plain layout instead of share_prompt + packing" in caplog.text
+    # The implicit reward decides by the same rule: a layout its model cannot run (a saved run's, say) becomes plain.
+    shared = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=True, max_length=64)
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_ext.implicit_reward"):
+        reward = ImplicitReward(model, tokenizer, 0.1, collator=shared, reference=trainer.reference)
+    assert (reward.collator.share_prompt, reward.collator.max_length) == (False, 64)
+    assert caplog.text.count("Plain layout instead of share_prompt because") == 1
     config.sliding_window = None
     assert unsupported_reasons(MistralForCausalLM(config).config) == []
+
+
+SDPA = SimpleNamespace(_attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("share_prompt, packing", [(True, False), (False, True), (True, True), (False, False)])
+def test_choose_layout_runs_what_is_asked_where_nothing_stands_in_the_way(share_prompt, packing):
+    eager = SimpleNamespace(_attn_implementation="eager", layer_types=["full_attention"])
+    layout = choose_layout(share_prompt, packing, [SDPA, eager], [SimpleNamespace(is_prompt_learning=False)])
+    assert layout == Layout(share_prompt=share_prompt, packing=packing)
+
+
+@pytest.mark.parametrize(
+    "model_configs, adapter_configs, options, reason",
+    [
+        ([SimpleNamespace(_attn_implementation="flash_attention_2")], [], {}, "takes no custom 4D mask"),
+        ([SimpleNamespace(_attn_implementation="sdpa", sliding_window=8)], [], {}, "sliding-window"),
+        ([SimpleNamespace(_attn_implementation="sdpa", layer_types=["sliding_attention"])], [], {}, "sliding-window"),
+        ([SDPA], [SimpleNamespace(is_prompt_learning=True)], {}, "prompt-learning adapters"),
+        ([SDPA], [], {"stock_loss": True}, "stock TRL's loss reads the plain layout"),
+        ([SDPA], [], {"precompute_ref_log_probs": True}, "use ref_cache instead"),
+        ([SDPA], [], {"compute_metrics": True}, "compute_metrics needs the plain layout's logits"),
+    ],
+)
+def test_choose_layout_falls_back_to_plain_with_the_reason(model_configs, adapter_configs, options, reason):
+    layout = choose_layout(True, True, model_configs, adapter_configs, **options)
+    assert (layout.share_prompt, layout.packing, layout.refused) == (False, False, ("share_prompt", "packing"))
+    assert len(layout.reasons) == 1 and reason in layout.reasons[0]
+    assert layout.fallback_message().startswith("Plain layout instead of share_prompt + packing because ")
+    # The plain layout asked for is never a fallback, whatever stands in the way.
+    assert choose_layout(False, False, model_configs, adapter_configs, **options) == Layout()
+
+
+def test_choose_layout_says_each_reason_once_in_order():
+    flash = SimpleNamespace(_attn_implementation="flash_attention_2")
+    layout = choose_layout(False, True, [flash, flash], compute_metrics=True)
+    assert layout.refused == ("packing",)
+    assert [r.split(" ")[0] for r in layout.reasons] == ["attn_implementation", "compute_metrics"]
 
 
 def test_padding_free_means_packing(dpo_args):

@@ -16,7 +16,9 @@ from trl_dpo_ext.metrics import (
     add_metric_callbacks,
     kl_terms,
     plot_metrics,
+    preference_accuracy,
     reward_metrics,
+    strictly_preferred,
 )
 
 
@@ -31,6 +33,16 @@ def test_reward_metrics_by_hand():
     assert m["rewards/accuracies"].tolist() == [1.0, 0.0]
     assert m["logps/ref_chosen"].tolist() == [-11.0, -3.0]
     assert m["displacement"].tolist() == [-1.0, 1.0]
+
+
+def test_the_two_accuracies_differ_only_on_ties():
+    chosen, rejected = torch.tensor([1.0, 0.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 0.0, -1.0])
+    assert strictly_preferred(chosen, rejected).tolist() == [1.0, 0.0, 0.0, 0.0]  # a tie counts 0, as TRL logs
+    assert preference_accuracy(chosen - rejected) == (1 + 0.5 + 0.5 + 0) / 4  # a tie counts half
+    # At step 0 (π = π_ref) every pair ties: 0 logged, chance level held out.
+    ties = torch.zeros(3)
+    assert reward_metrics(ties, ties, ties, ties, beta=0.1)["rewards/accuracies"].tolist() == [0.0] * 3
+    assert preference_accuracy(ties) == 0.5
 
 
 def test_kl_terms_by_hand():

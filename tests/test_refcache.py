@@ -14,7 +14,7 @@ from numerics import (
 )
 from peft import LoraConfig
 
-from trl_dpo_ext import DPOTrainer
+from trl_dpo_ext import DPOTrainer, refcache
 from trl_dpo_ext.refcache import (
     CACHE_COLUMNS,
     cache_key,
@@ -89,7 +89,7 @@ def test_cache_equals_on_the_fly_reference_and_is_reused(make_trainer, tmp_path,
     def fail(*args, **kwargs):
         raise AssertionError("the reference was recomputed")
 
-    monkeypatch.setattr(DPOTrainer, "_reference_answer_logps", fail)
+    monkeypatch.setattr(refcache, "reference_answer_logps", fail)
     for overrides in ({"beta": 0.5}, {"loss_type": ["ipo"]}):
         trainer = make_trainer(seed=1, **overrides)
         assert trainer.train_dataset[CACHE_COLUMNS[0]] == first.train_dataset[CACHE_COLUMNS[0]]

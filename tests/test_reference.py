@@ -10,7 +10,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import trl_dpo_ext
-from trl_dpo_ext import DPOTrainer, ImplicitReward, PreferenceCollator
+from trl_dpo_ext import DPOTrainer, ImplicitReward, PreferenceCollator, refcache
+from trl_dpo_ext.implicit_reward import reward_margins
 from trl_dpo_ext.pairs import build_preference_pairs
 from trl_dpo_ext.reference import (
     ADAPTERS_OFF,
@@ -20,7 +21,6 @@ from trl_dpo_ext.reference import (
     REFERENCE_ADAPTER,
     Reference,
 )
-from trl_dpo_ext.reward import reward_margins
 
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -96,8 +96,8 @@ def test_a_callers_plain_collator_runs_and_is_what_the_trainer_reports_and_keys_
     tokenizer, pairs, dpo_args, load_4bit, tmp_path, monkeypatch
 ):
     keys = []
-    real_cache_key = trl_dpo_ext.trainer.cache_key
-    monkeypatch.setattr(trl_dpo_ext.trainer, "cache_key", lambda *a, **kw: keys.append(kw) or real_cache_key(*a, **kw))
+    real_cache_key = refcache.cache_key
+    monkeypatch.setattr(refcache, "cache_key", lambda *a, **kw: keys.append(kw) or real_cache_key(*a, **kw))
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)  # plain, while the config asks for sharing
     args = dpo_args(share_prompt=True, ref_cache=True, ref_cache_dir=str(tmp_path / "cache"))
     trainer = DPOTrainer(

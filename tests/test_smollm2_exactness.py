@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trl_dpo_ext.trainer as trainer_module
-from trl_dpo_ext import DPOConfig, DPOTrainer
+from trl_dpo_ext import DPOConfig, DPOTrainer, refcache
 from trl_dpo_ext.layout import REJECTED, pair_docs
 from trl_dpo_ext.logps import completion_token_logps
 from trl_dpo_ext.models import nf4_config, quantized_modules
@@ -267,7 +267,7 @@ def test_reference_cache_round_trip_is_exact(trainer, monkeypatch):
     )
     assert load_reference_cache(cache_path(trainer.args.ref_cache_dir, key), key) == cached
     # Recomputed by the same code path (same batches, same layout): bit for bit what was cached.
-    assert trainer._reference_answer_logps(bare, "train") == cached
+    assert refcache.reference_answer_logps(trainer, bare, "train") == cached
     # Read back into a batch (the shared layout the cache was computed in), each token gets the value a reference
     # forward on that batch gives it.
     from_cache = trainer._reference_token_logps(collate(trainer, True, False, with_cache=True))
@@ -275,8 +275,8 @@ def test_reference_cache_round_trip_is_exact(trainer, monkeypatch):
     assert torch.equal(from_cache.index, computed.index)
     assert torch.equal(from_cache.logps * from_cache.mask, computed.logps * computed.mask)
     # A second run with the same reference reads the file and computes nothing.
-    monkeypatch.setattr(DPOTrainer, "_reference_answer_logps", mock.Mock(side_effect=AssertionError("recomputed")))
-    again = trainer._with_reference_cache(bare, "train")
+    monkeypatch.setattr(refcache, "reference_answer_logps", mock.Mock(side_effect=AssertionError("recomputed")))
+    again = refcache.with_reference_cache(trainer, bare, "train")
     assert (again[CACHE_COLUMNS[0]], again[CACHE_COLUMNS[1]]) == cached
 
 

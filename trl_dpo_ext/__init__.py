@@ -27,13 +27,13 @@ _EXPORTS = {
     "build_preference_pairs": "pairs",
     "available_trainers": "registry",
     "get_trainer": "registry",
-    "load_preference_dataset": "data",
+    "load_preference_dataset": "preference_data",
     "load_qlora_model": "models",
     "merge_adapter": "export",
-    "preference_accuracy": "reward",
-    "reward_margins": "reward",
-    "to_conversational": "data",
-    "validate_preference_dataset": "data",
+    "preference_accuracy": "metrics",
+    "reward_margins": "implicit_reward",
+    "to_conversational": "preference_data",
+    "validate_preference_dataset": "preference_data",
 }
 
 __all__ = list(_EXPORTS)

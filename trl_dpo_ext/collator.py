@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from .config import check_padding_side
 from .layout import check_reference_length, pair_docs, rows_from_docs
 
 
@@ -69,8 +70,7 @@ class PreferenceCollator(DataCollatorForPreference):
     packing: bool = False
 
     def __post_init__(self):
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        check_padding_side(self.padding_side)
         # max_length=1 leaves each sequence one token, which has no log-prob; 0 would empty every sequence.
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (or None), got {self.max_length}")

@@ -2,12 +2,54 @@
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
 import trl
 
+from .losses import LOSSES
 from .model_source import MODEL_HELP
+
+
+# The allowed values of the options that more than one entry point takes (a config field, and the keyword of the
+# collator or of `load_qlora_model`): each is checked by one function below, whichever way it comes in.
+PADDING_SIDES = ("right", "left")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+
+
+def check_padding_side(padding_side: str) -> None:
+    """Raise a `ValueError` naming `padding_side` unless it is `"right"` or `"left"`."""
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"`padding_side` must be 'right' or 'left', got {padding_side!r}.")
+
+
+def check_compute_dtype(compute_dtype: str) -> None:
+    """Raise a `ValueError` naming `bnb_4bit_compute_dtype` unless it is one of `COMPUTE_DTYPES`."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"`bnb_4bit_compute_dtype` must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}.")
+
+
+def check_storage_dtype(quant_storage: str | None) -> None:
+    """Raise a `ValueError` naming `bnb_4bit_quant_storage` unless it is unset or one of `STORAGE_DTYPES`."""
+    if quant_storage is not None and quant_storage not in STORAGE_DTYPES:
+        raise ValueError(f"`bnb_4bit_quant_storage` must be one of {STORAGE_DTYPES}, got {quant_storage!r}.")
+
+
+def _trl_field(name: str, help: str, *, replace: bool = False) -> Field:
+    """
+    `trl.DPOConfig`'s field `name`, same default, with a help that says what [`trl_dpo_ext.DPOTrainer`] does with it:
+    TRL's help followed by `help`, or `help` alone where TRL's would be wrong here (`replace`).
+    """
+    trl_field = next(f for f in fields(trl.DPOConfig) if f.name == name)
+    metadata = {**trl_field.metadata, "help": help if replace else f"{trl_field.metadata['help']} {help}"}
+    if trl_field.default_factory is not MISSING:
+        return field(default_factory=trl_field.default_factory, metadata=metadata)
+    return field(default=trl_field.default, metadata=metadata)
+
+
+# Said of every option that makes this trainer run TRL's own loss (see `DPOTrainer._reasons_for_stock_loss`).
+_STOCK_LOSS = "TRL's own loss runs, in the plain layout (no share_prompt or packing)."
 
 
 @dataclass
@@ -49,14 +91,55 @@ class DPOConfig(trl.DPOConfig):
             weight and are rounded away; `float32` keeps them. The forward still runs in the 4-bit compute dtype (and
             under autocast with `bf16=True`). `"bfloat16"` restores TRL's cast. No effect on a base that is not
             quantized (TRL casts nothing there).
+
+    TRL fields this trainer treats differently keep TRL's defaults; their help says what happens here:
+    `padding_free=True` turns on `packing` (TRL 1.16 ignores it), `max_length` drops a row whose prompt fills it with a
+    warning that counts such rows, `precompute_ref_log_probs` runs the plain layout and excludes `ref_cache`, whose
+    one-time pass takes `precompute_ref_batch_size`; `ld_alpha` also keeps `ref_cache` off, and a loss outside
+    [`trl_dpo_ext.LOSSES`], `ld_alpha`, `f_divergence_type` or `use_weighting` run TRL's own loss.
     """
+
+    # TRL's fields, retold.
+    padding_free: bool = _trl_field(
+        "padding_free",
+        "Turns on `packing` (set to False again once it has): every sequence of a batch in one row with per-sequence "
+        "position ids and a block-diagonal 4D mask (sdpa or eager attention), so no pad token is computed.",
+        replace=True,
+    )
+    max_length: int | None = _trl_field(
+        "max_length",
+        "Here: a row whose prompt alone fills `max_length` is dropped (as TRL does) with a warning that counts such "
+        "rows, and an error when no row is left.",
+    )
+    precompute_ref_log_probs: bool = _trl_field(
+        "precompute_ref_log_probs",
+        "Here: in memory, for the datasets given to the constructor, and it needs the plain layout (no share_prompt "
+        "or packing); `ref_cache` precomputes in any layout, stores the values on disk and cannot be combined with "
+        "it.",
+    )
+    precompute_ref_batch_size: int | None = _trl_field(
+        "precompute_ref_batch_size",
+        "It is also the batch size of the one-time pass of `ref_cache`, where `None` means "
+        "`per_device_train_batch_size` for every dataset.",
+    )
+    loss_type: list[str] = _trl_field(
+        "loss_type",
+        f"Here: {', '.join(map(repr, LOSSES))} are computed by this trainer; with any other type, {_STOCK_LOSS}",
+    )
+    ld_alpha: float | None = _trl_field(
+        "ld_alpha", f"Here, when set: {_STOCK_LOSS} `ref_cache` is not used (the cache holds unweighted log-probs)."
+    )
+    f_divergence_type: str = _trl_field("f_divergence_type", f"Here, with any value but `reverse_kl`: {_STOCK_LOSS}")
+    use_weighting: bool = _trl_field("use_weighting", f"Here, when True: {_STOCK_LOSS}")
+
+    # This package's fields.
 
     padding_side: str = field(
         default="right",
         metadata={
             "help": "Side the preference collator pads on. Position ids follow the attention mask, so the log-probs "
             "do not depend on it.",
-            "choices": ["right", "left"],
+            "choices": list(PADDING_SIDES),
         },
     )
     displacement_margin: float = field(
@@ -122,8 +205,7 @@ class DPOConfig(trl.DPOConfig):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"`padding_side` must be 'right' or 'left', got {self.padding_side!r}.")
+        check_padding_side(self.padding_side)
         if self.adapter_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"`adapter_dtype` must be 'float32' or 'bfloat16', got {self.adapter_dtype!r}.")
         if self.displacement_margin < 0:
@@ -139,6 +221,26 @@ class DPOConfig(trl.DPOConfig):
             raise ValueError("`ref_cache` needs a fixed reference, but `sync_ref_model=True` updates it.")
         super().__post_init__()
         check_output_dir(self.output_dir)
+
+
+# This package's fields of `DPOConfig` and their defaults, read by `extension_setting`.
+_EXTENSION_DEFAULTS = {
+    f.name: f.default for f in fields(DPOConfig) if f.name not in {f.name for f in fields(trl.DPOConfig)}
+}
+
+
+def extension_setting(args, name: str):
+    """
+    `args.<name>` for a field this package adds to TRL's `DPOConfig`, or that field's default in our [`DPOConfig`]
+    when `args` has no such field (a plain `trl.DPOConfig` given to the trainer, another trainer's arguments): the
+    default is the one declared on the field, never restated.
+
+    Args:
+        args (`TrainingArguments`): the trainer's arguments.
+        name (`str`): one of this package's `DPOConfig` fields (a `KeyError` otherwise, so a typo cannot pass).
+    """
+    default = _EXTENSION_DEFAULTS[name]
+    return getattr(args, name, default)
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -213,7 +315,7 @@ class QLoRAModelConfig(trl.ModelConfig):
         default="auto",
         metadata={
             "help": "Dtype of the 4-bit matmuls; 'auto' is bfloat16 on a GPU that supports it, float32 elsewhere.",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
+            "choices": list(COMPUTE_DTYPES),
         },
     )
 
@@ -223,11 +325,8 @@ class QLoRAModelConfig(trl.ModelConfig):
                 "QLoRAModelConfig needs `load_in_4bit=True` and `use_peft=True`: the policy is LoRA on a 4-bit base "
                 "and the reference is that same base. Use trl.ModelConfig for other setups."
             )
-        storage = (None, "uint8", "bfloat16", "float16", "float32")
-        if self.bnb_4bit_quant_storage not in storage:
-            raise ValueError(
-                f"`bnb_4bit_quant_storage` must be one of {storage[1:]}, got {self.bnb_4bit_quant_storage!r}."
-            )
+        check_storage_dtype(self.bnb_4bit_quant_storage)
+        check_compute_dtype(self.bnb_4bit_compute_dtype)
         if self.bnb_4bit_quant_type != "nf4":
             raise ValueError(f"`bnb_4bit_quant_type` must be 'nf4' for QLoRA, got {self.bnb_4bit_quant_type!r}.")
         super().__post_init__()

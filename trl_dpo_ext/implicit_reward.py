@@ -3,8 +3,10 @@
 [`ImplicitReward`] holds a DPO adapter on its 4-bit base — one base in memory: adapters on for π, and for π_ref what
 [`trl_dpo_ext.reference.Reference`] says (adapters off, the frozen SFT adapter, or a separate model) — and scores
 responses in batches with the trainer's own pieces: TRL's tokenization, the [`PreferenceCollator`] layout the run used
-and [`trl_dpo_ext.logps.completion_token_logps`]. Loaded from a directory saved by [`trl_dpo_ext.DPOTrainer`], or
-built from a trainer ([`ImplicitReward.from_trainer`]), it gives the rewards the trainer computes.
+(where the model can run it: [`trl_dpo_ext.layout.choose_layout`]), its pad id and
+[`trl_dpo_ext.logps.completion_token_logps`]. Loaded from a directory saved by [`trl_dpo_ext.DPOTrainer`], or built
+from a trainer ([`ImplicitReward.from_trainer`]), it gives the rewards the trainer computes; [`reward_margins`] gives a
+trainer's margins on a preference dataset.
 """
 
 import contextlib
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 import trl
+from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 from peft import PeftModel
 from peft.utils import load_peft_weights
@@ -22,11 +25,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl.trainer.utils import add_fused_lm_head
 
 from .collator import PreferenceCollator
+from .layout import choose_layout, layout_configs
 from .logps import completion_token_logps
-from .models import base_model, keep_fp32_cpu_kernels
+from .metrics import preference_accuracy
+from .models import base_model, cast_adapter_weights, keep_fp32_cpu_kernels, safe_pad_id
 from .preference_data import validate_preference_dataset
 from .reference import PRECOMPUTED, REFERENCE_ADAPTER, Reference
-from .reward import preference_accuracy
 from .saved_run import load_base_as_trained, load_training_config
 
 
@@ -42,7 +46,9 @@ class ImplicitReward:
             mode and adds TRL's fused LM head only while it runs.
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer (with a chat template for conversational rows).
         beta (`float`): the DPO β the adapter was trained with.
-        collator (`PreferenceCollator`, *optional*): batch layout; the plain layout by default.
+        collator (`PreferenceCollator`, *optional*): batch layout; the plain layout by default, padded with
+            [`trl_dpo_ext.models.safe_pad_id`]. A layout the model cannot run falls back to the plain one (same
+            rewards), with the reason logged.
         batch_size (`int`, *optional*, defaults to `8`): pairs per forward.
         reference ([`trl_dpo_ext.reference.Reference`], *optional*): π_ref; by default `Reference.of(model)`:
             adapters off, or the adapter named `"ref"` when the model has one.
@@ -75,7 +81,9 @@ class ImplicitReward:
         self.model = model
         self.tokenizer = tokenizer
         self.beta = beta
-        self.collator = collator or PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+        if collator is None:
+            collator = PreferenceCollator(pad_token_id=safe_pad_id(tokenizer, base_model(model)))
+        self.collator = self._runnable(collator)
         self.batch_size = batch_size
 
     @classmethod
@@ -123,10 +131,17 @@ class ImplicitReward:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         base = keep_fp32_cpu_kernels(load_base_as_trained(adapter_path, base_model, device))  # scored as trained
         model = PeftModel.from_pretrained(base, adapter_path)
-        _match_saved_dtype(model, adapter_path, "default")
+        adapters = {"default": adapter_path}
         if (adapter_path / REFERENCE_ADAPTER / "adapter_config.json").is_file():  # trained from an SFT adapter
             model.load_adapter(adapter_path / REFERENCE_ADAPTER, adapter_name=REFERENCE_ADAPTER)
-            _match_saved_dtype(model, adapter_path / REFERENCE_ADAPTER, REFERENCE_ADAPTER)
+            adapters[REFERENCE_ADAPTER] = adapter_path / REFERENCE_ADAPTER
+        # TRL trains the adapter of a 4-bit model in bfloat16 (the QLoRA recipe), and peft loads it upcast to the base
+        # layer's dtype. Back in the saved dtype, the LoRA matmuls run as they did in training, so the rewards match
+        # the trainer's.
+        for name, path in adapters.items():
+            dtype = _saved_dtype(path)
+            if dtype is not None:
+                cast_adapter_weights(model, dtype, name)
         has_tokenizer = (adapter_path / "tokenizer_config.json").is_file()
         tokenizer_source = adapter_path if has_tokenizer else model.peft_config["default"].base_model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -200,6 +215,17 @@ class ImplicitReward:
         """Preference accuracy of a preference dataset: see [`trl_dpo_ext.preference_accuracy`] (ties count half)."""
         return preference_accuracy(self.margins(dataset))
 
+    def _runnable(self, collator: PreferenceCollator) -> PreferenceCollator:
+        """`collator`, or its plain-layout copy where the models cannot run its layout (the same rewards)."""
+        models = [extract_model_from_parallel(self.model)]
+        if self.reference.ref_model is not None:
+            models.append(self.reference.ref_model)
+        layout = choose_layout(collator.share_prompt, collator.packing, *layout_configs(models))
+        if not layout.reasons:
+            return collator
+        logger.warning(layout.fallback_message())
+        return dataclasses.replace(collator, share_prompt=False, packing=False)
+
     @torch.no_grad()
     def _rewards(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Implicit rewards of the chosen and of the rejected answer of each collator example."""
@@ -264,15 +290,23 @@ def _pair(chosen_row: dict, rejected_row: dict) -> dict:
     }
 
 
-def _match_saved_dtype(model: PeftModel, adapter_path: Path, adapter_name: str) -> None:
-    # TRL trains the adapter of a 4-bit model in bfloat16 (the QLoRA recipe), and peft loads it upcast to the base
-    # layer's dtype. Back in the saved dtype, the LoRA matmuls run as they did in training, so the rewards match the
-    # trainer's.
+def _saved_dtype(adapter_path: Path) -> torch.dtype | None:
+    """The dtype of an adapter's saved weights, or None when they are not all of one dtype."""
     dtypes = {tensor.dtype for tensor in load_peft_weights(str(adapter_path), device="cpu").values()}
-    if len(dtypes) != 1:
-        return
-    dtype = dtypes.pop()
-    marker = f".{adapter_name}."
-    for name, param in model.named_parameters():
-        if "lora_" in name and marker in name:
-            param.data = param.data.to(dtype)
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def reward_margins(trainer, dataset: Dataset) -> torch.Tensor:
+    """
+    r(x, y_w) − r(x, y_l) for every pair of `dataset` under the trainer's current policy and reference: the margins
+    [`ImplicitReward.from_trainer`] computes, one per row (a pair whose prompt fills `max_length` keeps its row, as a
+    tie), so the count and the values agree with `ImplicitReward.margins` by construction.
+
+    Args:
+        trainer ([`trl_dpo_ext.DPOTrainer`]): supplies the policy, the reference, β and the collator.
+        dataset (`datasets.Dataset`): raw preference rows (prompt/chosen/rejected), validated and tokenized there.
+
+    Returns:
+        `torch.Tensor` of shape `(len(dataset),)`. Every process computes all rows (a held-out set is small).
+    """
+    return ImplicitReward.from_trainer(trainer).margins(dataset)

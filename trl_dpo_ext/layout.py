@@ -15,13 +15,17 @@ answer token sees exactly the context it has in the plain layout: the log-probs 
 With **packing**, all sequences of a batch (pairs, or single sequences without prompt sharing) go into ONE row: each
 keeps its own position ids, a block-diagonal mask keeps them apart, and no pad token is computed.
 
-Everything here is a pure function on token lists and tensors; the collator builds the rows, `logps.py` turns
-`doc_ids`/`branch_ids` into the 4D mask on the model's device.
+Everything here is a pure function on token lists, tensors and configs; the collator builds the rows, `logps.py`
+turns `doc_ids`/`branch_ids` into the 4D mask on the model's device, and [`choose_layout`] decides, for the trainer
+and for [`trl_dpo_ext.ImplicitReward`] alike, which layout runs.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .models import base_model
 
 
 TRUNK, CHOSEN, REJECTED = 0, 1, 2
@@ -207,3 +211,72 @@ def unsupported_reasons(config) -> list[str]:
     if sliding or "sliding_attention" in layer_types:
         reasons.append("the model uses sliding-window attention, which a dense 4D mask would override")
     return reasons
+
+
+@dataclass(frozen=True)
+class Layout:
+    """
+    The layout batches run in: `share_prompt` and `packing` as the collator takes them, and, when the layout asked for
+    cannot run, which options were `refused` and the `reasons` why (both empty otherwise).
+    """
+
+    share_prompt: bool = False
+    packing: bool = False
+    refused: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+
+    def fallback_message(self) -> str:
+        """What is logged when the plain layout runs instead of the one asked for."""
+        return f"Plain layout instead of {' + '.join(self.refused)} because {'; '.join(self.reasons)}."
+
+
+def choose_layout(
+    share_prompt: bool,
+    packing: bool,
+    model_configs: Sequence,
+    adapter_configs: Sequence = (),
+    *,
+    stock_loss: bool = False,
+    precompute_ref_log_probs: bool = False,
+    compute_metrics: bool = False,
+) -> Layout:
+    """
+    The layout that runs: the one asked for (`share_prompt`, `packing`), or the plain one, with the reasons, where the
+    models or an option cannot take the shared-prompt or packed layouts.
+
+    Args:
+        share_prompt (`bool`), packing (`bool`): the layout asked for (by the config, or by a given collator).
+        model_configs (`Sequence[PretrainedConfig]`): the configs of every model that runs (policy and reference);
+            see [`unsupported_reasons`].
+        adapter_configs (`Sequence[peft.PeftConfig]`): the active adapter configs of those models: a prompt-learning
+            adapter prepends virtual tokens, which the layouts' positions and masks do not hold.
+        stock_loss (`bool`): TRL's own loss runs, which reads the plain layout.
+        precompute_ref_log_probs (`bool`): TRL's precompute pass runs, in the plain layout.
+        compute_metrics (`bool`): a `compute_metrics` function reads the plain layout's logits.
+
+    Returns:
+        [`Layout`]: its `reasons` are empty when the layout asked for runs.
+    """
+    asked = tuple(name for name, on in (("share_prompt", share_prompt), ("packing", packing)) if on)
+    reasons = [reason for config in model_configs for reason in unsupported_reasons(config)]
+    if stock_loss:
+        reasons.append("stock TRL's loss reads the plain layout")
+    if precompute_ref_log_probs:
+        reasons.append("precompute_ref_log_probs runs TRL's plain-layout reference pass (use ref_cache instead)")
+    if compute_metrics:
+        reasons.append("compute_metrics needs the plain layout's logits")
+    if any(config.is_prompt_learning for config in adapter_configs):
+        reasons.append("prompt-learning adapters prepend virtual tokens")
+    if not asked or not reasons:
+        return Layout(share_prompt=share_prompt, packing=packing)
+    return Layout(refused=asked, reasons=tuple(dict.fromkeys(reasons)))
+
+
+def layout_configs(models: Sequence[torch.nn.Module]) -> tuple[list, list]:
+    """
+    The inputs [`choose_layout`] reads from the models that run (each a `PreTrainedModel` or a `PeftModel`, unwrapped
+    from accelerate): their model configs, and the configs of their active adapters.
+    """
+    model_configs = [base_model(model).config for model in models]
+    adapter_configs = [model.active_peft_config for model in models if getattr(model, "active_peft_config", None)]
+    return model_configs, adapter_configs

@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .atomic import atomic_write
+from .config import extension_setting
 
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def reward_metrics(
     return {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/accuracies": strictly_preferred(chosen_rewards, rejected_rewards),
         "rewards/margins": chosen_rewards - rejected_rewards,
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
@@ -57,6 +58,37 @@ def reward_metrics(
         "logps/ref_rejected": ref_rejected_logps.detach(),
         "displacement": (ref_chosen_logps - chosen_logps).detach(),
     }
+
+
+# Two accuracies of an implicit reward, which differ only on ties (a pair whose two rewards are equal, as every pair is
+# at step 0 with π = π_ref):
+
+
+def strictly_preferred(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """
+    Per pair, 1.0 where the chosen answer's implicit reward is strictly above the rejected one's, else 0.0: **a tie
+    counts 0**. Its mean is the logged `rewards/accuracies` (TRL's definition, so the number compares with stock TRL's
+    logs; it starts at 0 when every pair ties).
+
+    Args:
+        chosen_rewards, rejected_rewards: `(B,)` implicit rewards.
+
+    Returns:
+        `torch.Tensor` of shape `(B,)`, float.
+    """
+    return (chosen_rewards > rejected_rewards).float()
+
+
+def preference_accuracy(margins: torch.Tensor) -> float:
+    """
+    Share of pairs whose chosen answer has the higher implicit reward, **a tie counting ½** (chance level, where
+    [`strictly_preferred`] counts it 0): the held-out accuracy of the recipe, of `trl-dpo-ext score` and of
+    [`trl_dpo_ext.ImplicitReward.accuracy`], so an untrained policy (every pair tied) scores 0.5.
+
+    Args:
+        margins (`torch.Tensor`): r(x, y_w) − r(x, y_l) per pair, e.g. from [`trl_dpo_ext.reward_margins`].
+    """
+    return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()
 
 
 def kl_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -183,7 +215,7 @@ class MetricsHistoryCallback(TrainerCallback):
         out = Path(args.output_dir)
         with atomic_write(out / "metrics_history.json") as handle:
             json.dump(state.log_history, handle, indent=1)
-        if getattr(args, "save_metrics_plot", True):
+        if extension_setting(args, "save_metrics_plot"):
             plot_metrics(state.log_history, out / "metrics.png")
 
 

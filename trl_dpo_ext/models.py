@@ -2,6 +2,9 @@
 
 The reference never needs its own copy of the base: peft switches adapters on the same `Linear4bit` modules, so the
 memory of a DPO run is one quantized base plus two small adapters at most.
+
+The rules every caller shares live here too: the pad id a model can embed ([`safe_pad_id`]) and the one cast of adapter
+weights to a dtype ([`cast_adapter_weights`]).
 """
 
 import logging
@@ -9,8 +12,10 @@ import logging
 import torch
 from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
+
+from .config import check_compute_dtype, check_storage_dtype
 
 
 logger = logging.getLogger(__name__)
@@ -27,10 +32,9 @@ def base_model(model: torch.nn.Module) -> PreTrainedModel:
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
     """`"auto"` → bfloat16 where a CUDA device supports it, float32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    check_compute_dtype(name)
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"compute dtype must be one of {['auto', *_DTYPES]}, got {name!r}")
     return _DTYPES[name]
 
 
@@ -88,8 +92,7 @@ def load_qlora_model(
         raise ValueError("Pass exactly one of `lora_config` (a fresh adapter) or `sft_adapter_path` (continue SFT).")
     if isinstance(compute_dtype, str):
         compute_dtype = resolve_compute_dtype(compute_dtype)
-    if quant_storage not in (None, *_STORAGE_DTYPES):
-        raise ValueError(f"quant_storage must be one of {list(_STORAGE_DTYPES)}, got {quant_storage!r}")
+    check_storage_dtype(quant_storage)
     storage = _STORAGE_DTYPES[quant_storage or "uint8"]
     base = AutoModelForCausalLM.from_pretrained(
         model_name_or_path,
@@ -143,20 +146,61 @@ def keep_fp32_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def cast_adapter_weights(
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    adapter_name: str | None = None,
+    *,
+    names: set[str] | None = None,
+) -> int:
+    """
+    Cast adapter weights of `model` to `dtype` in place: the one place an adapter's dtype is set after loading.
+
+    Args:
+        model (`torch.nn.Module`): a `PeftModel` (or any model with trainable weights).
+        dtype (`torch.dtype`): the dtype to cast to.
+        adapter_name (`str`, *optional*): cast the LoRA weights of this adapter, trainable or frozen; by default,
+            every trainable parameter (the active adapter, what the optimizer updates).
+        names (`set[str]`, *optional*): cast only the parameters of these names among those.
+
+    Returns:
+        `int`: how many tensors changed dtype.
+    """
+    marker = f".{adapter_name}."
+    cast = 0
+    for name, param in model.named_parameters():
+        chosen = param.requires_grad if adapter_name is None else "lora_" in name and marker in name
+        if chosen and (names is None or name in names) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def upcast_adapter_weights(model: torch.nn.Module) -> int:
     """
-    Cast the trainable bf16/fp16 weights of a 4-bit `model` back to fp32 (what peft creates them in), so that the
-    optimizer keeps fp32 master weights; returns how many tensors were cast. A model that is not quantized is left
-    alone: there, a low-precision adapter is the caller's choice, not TRL's cast.
+    Cast the trainable weights of a 4-bit `model` back to fp32 (what peft creates them in), so that the optimizer
+    keeps fp32 master weights; returns how many tensors were cast. A model that is not quantized is left alone:
+    there, a low-precision adapter is the caller's choice, not TRL's cast.
     """
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         return 0
-    cast = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
-            param.data = param.data.float()
-            cast += 1
-    return cast
+    return cast_adapter_weights(model, torch.float32)
+
+
+def safe_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+    """
+    The id that pads a batch for `model`: the tokenizer's pad id when the model can embed it, else eos. TRL's PPO
+    example adds a new `[PAD]` token without resizing the embeddings, so its id is out of range; padded positions are
+    masked, so which in-range id pads changes no number.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None and pad < vocab else tokenizer.eos_token_id
+
+
+def mask_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+    """The id that marks padding in a `(query, response)` layout: the tokenizer's pad, else [`safe_pad_id`]."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else safe_pad_id(tokenizer, model)
 
 
 def _default_device() -> str | int:

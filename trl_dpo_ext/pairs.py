@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.experimental.utils import get_reward
 
+from .models import mask_pad_id
 from .preference_data import is_blank
-from .sampling import DEFAULTS, RewardFn, SamplingConfig, check_pair_samples, generate, mask_pad_id, prompt_ids
+from .sampling import DEFAULTS, RewardFn, SamplingConfig, check_pair_samples, generate, prompt_ids
 
 
 logger = logging.getLogger(__name__)

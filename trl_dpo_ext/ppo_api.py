@@ -25,8 +25,9 @@ from datasets import Dataset
 from .atomic import atomic_dir, atomic_write
 from .checkpoints import resume_request
 from .config import DPOConfig
+from .models import mask_pad_id
 from .pairs import build_preference_pairs, reward_model_scores
-from .sampling import SamplingConfig, check_pair_samples, generate, mask_pad_id, prompt_ids
+from .sampling import SamplingConfig, check_pair_samples, generate, prompt_ids
 from .trainer import DPOTrainer
 
 

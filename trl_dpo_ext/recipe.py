@@ -26,12 +26,13 @@ from . import sampling
 from .command_args import IterativeArguments, RecipeArguments
 from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, device_defaults
 from .errors import UserError
+from .implicit_reward import reward_margins
 from .iterative import IterativeDPOConfig, IterativeDPOTrainer
 from .length_rule import rule_score
+from .metrics import preference_accuracy
 from .model_source import resolve_model_path
 from .models import load_qlora_model
 from .preference_data import load_preference_dataset, to_conversational, validate_preference_dataset
-from .reward import preference_accuracy, reward_margins
 from .runlock import RunLock
 from .trainer import DPOTrainer
 

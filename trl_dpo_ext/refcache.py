@@ -15,6 +15,9 @@ The key holds what determines those numbers and nothing else:
 
 Files are written atomically (temp file + rename) with a checksum; a truncated or corrupt file, or one whose recorded
 key differs, is refused with a warning and recomputed — never trusted. Nothing is unpickled.
+
+[`with_reference_cache`] is what [`trl_dpo_ext.DPOTrainer`] calls under `ref_cache=True`: the key of a dataset in the
+trainer's layout, the file read or the values computed and written, and the dataset with the values as columns.
 """
 
 import hashlib
@@ -29,9 +32,12 @@ import safetensors
 import safetensors.torch
 import torch
 from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .models import base_model
+from .paths import cache_dir
 
 
 logger = logging.getLogger(__name__)
@@ -39,6 +45,82 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = "3"  # 2: a sequence's first token is never an answer token; 3: LM head on answer positions only
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 CACHE_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+
+
+def reference_cache_usable(ld_alpha: float | None) -> bool:
+    """
+    Whether a run with these settings can read its reference from the cache; said once, not silently, when not.
+    """
+    # The cache holds plain per-token sums; ld_alpha weights the reference's tokens inside TRL's loss, which the cache
+    # cannot reproduce, so that run keeps TRL's reference forward.
+    if ld_alpha is not None:
+        logger.warning("ref_cache is not used: ld_alpha weights the reference tokens inside TRL's loss.")
+        return False
+    return True
+
+
+def with_reference_cache(trainer, dataset: Dataset, name: str) -> Dataset:
+    """
+    `dataset` plus the per-token reference log-probs of its answers as the columns `CACHE_COLUMNS`: read from the
+    cache, or computed by [`reference_answer_logps`] and stored. The main process computes and writes; the others then
+    read the same file.
+
+    Args:
+        trainer ([`trl_dpo_ext.DPOTrainer`]): supplies the reference, the layout (its collator), the lengths and the
+            cache directory (`args.ref_cache_dir`).
+        dataset (`datasets.Dataset`): tokenized preference rows, as the trainer prepares them.
+        name (`str`): the dataset's name in messages (`"train"`, `"eval"`, ...).
+    """
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"ref_cache needs a map-style datasets.Dataset; the {name} dataset is {type(dataset)}.")
+    args = trainer.args
+    weights, adapter = trainer.reference.weights(trainer.model)
+    key = cache_key(
+        weights_fingerprint(weights, adapter),
+        dataset,
+        reference=trainer.reference.label,
+        max_length=args.max_length,
+        truncation_mode=args.truncation_mode,
+        share_prompt=trainer.share_prompt,
+        packing=trainer.packing,
+        attention=base_model(weights).config._attn_implementation,
+    )
+    path = cache_path(args.ref_cache_dir or cache_dir() / "ref_logps", key)
+    with trainer.accelerator.main_process_first():
+        cached = load_reference_cache(path, key)
+        if cached is None:
+            cached = reference_answer_logps(trainer, dataset, name)
+            if trainer.accelerator.is_main_process:
+                save_reference_cache(path, key, *cached)
+                logger.info("Reference cache for the %s dataset written to %s", name, path)
+        else:
+            logger.info("Reference cache hit for the %s dataset: %s", name, path)
+    chosen, rejected = cached
+    return dataset.add_column(CACHE_COLUMNS[0], chosen).add_column(CACHE_COLUMNS[1], rejected)
+
+
+@torch.no_grad()
+def reference_answer_logps(trainer, dataset: Dataset, name: str) -> tuple[list, list]:
+    """
+    The per-token reference log-probs of every chosen and every rejected answer of `dataset`, in row order: batches of
+    `precompute_ref_batch_size` (else `per_device_train_batch_size`) rows collated by the trainer's collator, so the
+    values are those of the layout the trainer runs.
+    """
+    args = trainer.args
+    loader = DataLoader(
+        dataset,
+        batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size,
+        collate_fn=trainer.data_collator,
+        shuffle=False,
+    )
+    chosen, rejected = [], []
+    description = f"Reference log-probs of the {name} dataset (computed once, then cached)"
+    for batch in tqdm(loader, desc=description, disable=args.disable_tqdm):
+        with trainer.accelerator.autocast():
+            answers = trainer._reference_token_logps(trainer._prepare_inputs(batch)).answer_values()
+        chosen += answers[: len(answers) // 2]
+        rejected += answers[len(answers) // 2 :]
+    return chosen, rejected
 
 
 def weights_fingerprint(model: torch.nn.Module, reference_adapter: str | None = None) -> dict:

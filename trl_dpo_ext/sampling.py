@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from .length_rule import CONCISE_EOS_PENALTY, Reply, concise_reward, longer_reward
-from .models import base_model
+from .models import base_model, mask_pad_id, safe_pad_id
 from .preference_data import DEFAULT_PROMPTS, load_preference_dataset
 
 
@@ -240,19 +240,6 @@ def load_reward(spec: str, flag: str = "--reward") -> Reward:
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
-
-
-def safe_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
-    """A pad id the model can embed. TRL's PPO example adds a new `[PAD]` token without resizing the embeddings, so
-    its id is out of range; padded positions are masked anyway, so any in-range id (eos) serves."""
-    vocab = model.get_input_embeddings().num_embeddings
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None and pad < vocab else tokenizer.eos_token_id
-
-
-def mask_pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
-    """The id that marks padding in a `(query, response)` layout: the tokenizer's pad, else [`safe_pad_id`]."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else safe_pad_id(tokenizer, model)
 
 
 @torch.no_grad()

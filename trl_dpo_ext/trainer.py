@@ -11,7 +11,8 @@ TRL runs the loop, the data preparation, checkpointing and logging. This subclas
 - `train` / `_load_from_checkpoint`: resume only from a completely written checkpoint (`checkpoints.py`), in the
   dtypes the interrupted run trained in;
 - `__init__` tail: one reference only — no redundant adapter copy (what the reference is: `reference.py`) — the
-  layout, decided from the collator that runs, the reference cache and the metric callbacks.
+  layout (chosen by `layout.choose_layout`; reported from the collator that runs), the reference cache
+  (`refcache.py`) and the metric callbacks.
 """
 
 import logging
@@ -21,15 +22,13 @@ import torch
 import trl
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from trl.trainer.utils import get_config_model_id
 
 from .atomic import apply_umask_permissions
 from .checkpoints import resolve_resume
 from .collator import INDEX_COLUMN, PreferenceCollator
-from .config import DPOConfig
-from .layout import unsupported_reasons
+from .config import DPOConfig, extension_setting
+from .layout import choose_layout, layout_configs
 from .logps import NON_MODEL_KEYS, TokenLogps, completion_token_logps
 from .losses import LOSSES, preference_loss
 from .metrics import (
@@ -41,20 +40,11 @@ from .metrics import (
     reward_metrics,
 )
 from .model_card import extend_model_card, save_model_files
-from .models import base_model, keep_fp32_cpu_kernels, upcast_adapter_weights
+from .models import base_model, cast_adapter_weights, keep_fp32_cpu_kernels, safe_pad_id, upcast_adapter_weights
 from .nonfinite import NonFiniteGuard
-from .paths import cache_dir
 from .preference_data import validate_preference_dataset
-from .refcache import (
-    CACHE_COLUMNS,
-    cache_key,
-    cache_path,
-    load_reference_cache,
-    save_reference_cache,
-    weights_fingerprint,
-)
+from .refcache import CACHE_COLUMNS, reference_cache_usable, with_reference_cache
 from .reference import Reference, drop_identity_copy
-from .sampling import safe_pad_id
 
 
 logger = logging.getLogger(__name__)
@@ -99,7 +89,7 @@ class DPOTrainer(trl.DPOTrainer):
                 keep_fp32_cpu_kernels(m)
         # Why: TRL casts a 4-bit base's trainable adapter to bf16, where AdamW's updates at DPO learning rates are
         # rounded away (issue #16: 6.4 % of lora_A entries move at lr 5e-6); fp32 masters keep every update.
-        if getattr(args, "adapter_dtype", "float32") == "float32":
+        if extension_setting(args, "adapter_dtype") == "float32":
             upcast_adapter_weights(self.model)
         self.reference = Reference.of(self.model, self.ref_model)
         self._stock_loss_reasons = self._reasons_for_stock_loss()
@@ -108,19 +98,19 @@ class DPOTrainer(trl.DPOTrainer):
         if not self._is_vision_dataset:
             self.data_collator = self._layout_collator(args, data_collator)
         # Decided once: a later train set (`set_train_dataset`) is cached, or not, like this one.
-        self._uses_ref_cache = getattr(args, "ref_cache", False) and self._cache_usable()
+        self._uses_ref_cache = extension_setting(args, "ref_cache") and reference_cache_usable(self.ld_alpha)
         if self._uses_ref_cache:
-            self.train_dataset = self._with_reference_cache(self.train_dataset, "train")
+            self.train_dataset = with_reference_cache(self, self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self._with_reference_cache(v, k) for k, v in self.eval_dataset.items()}
+                self.eval_dataset = {k: with_reference_cache(self, v, k) for k, v in self.eval_dataset.items()}
             elif self.eval_dataset is not None:
-                self.eval_dataset = self._with_reference_cache(self.eval_dataset, "eval")
-        self.nonfinite_guard = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite", 3), self.accelerator)
+                self.eval_dataset = with_reference_cache(self, self.eval_dataset, "eval")
+        self.nonfinite_guard = NonFiniteGuard(extension_setting(args, "max_consecutive_nonfinite"), self.accelerator)
         add_metric_callbacks(
             self,
             [
                 ThroughputCallback(),
-                DisplacementAlarmCallback(getattr(args, "displacement_margin", 1.0)),
+                DisplacementAlarmCallback(extension_setting(args, "displacement_margin")),
                 self.nonfinite_guard,
                 MetricsHistoryCallback(),
             ],
@@ -147,105 +137,43 @@ class DPOTrainer(trl.DPOTrainer):
         ]
         return [reason for failed, reason in checks if failed]
 
-    def _layout_reasons(self) -> list[str]:
-        """Why this trainer cannot run the shared-prompt or packed layouts (empty if it can)."""
-        models = [self.accelerator.unwrap_model(self.model)] + ([self.ref_model] if self.ref_model is not None else [])
-        reasons = [reason for m in models for reason in unsupported_reasons(base_model(m).config)]
-        if self._stock_loss_reasons:
-            reasons.append("stock TRL's loss reads the plain layout")
-        if self.args.precompute_ref_log_probs:
-            reasons.append("precompute_ref_log_probs runs TRL's plain-layout reference pass (use ref_cache instead)")
-        if self.compute_metrics is not None:
-            reasons.append("compute_metrics needs the plain layout's logits")
-        if any(getattr(m, "active_peft_config", None) and m.active_peft_config.is_prompt_learning for m in models):
-            reasons.append("prompt-learning adapters prepend virtual tokens")
-        return list(dict.fromkeys(reasons))
-
     def _layout_collator(self, args, data_collator):
         """
-        The one place the layout is decided. Without a collator from the caller, ours is built with the layout the
-        config asks for, or the plain one (with the logged reason) where the model or an option cannot take it. A
-        caller's collator runs as given, so the layout reported and keyed on is its own; one that asks for a layout
-        this trainer cannot run is refused.
+        The collator that runs. Without one from the caller, ours is built with the layout the config asks for, or the
+        plain one (with the logged reason) where the models or an option cannot take it; see
+        [`trl_dpo_ext.layout.choose_layout`]. A caller's collator runs as given, so the layout reported and keyed on
+        is its own; one that asks for a layout this trainer cannot run is refused.
         """
-        reasons = self._layout_reasons()
         if data_collator is not None:
-            asks = [name for name in ("share_prompt", "packing") if getattr(data_collator, name, False)]
-            if asks and reasons:
+            asked = [bool(getattr(data_collator, name, False)) for name in ("share_prompt", "packing")]
+        else:
+            asked = [extension_setting(args, name) for name in ("share_prompt", "packing")]
+        models = [self.accelerator.unwrap_model(self.model)] + ([self.ref_model] if self.ref_model is not None else [])
+        layout = choose_layout(
+            *asked,
+            *layout_configs(models),
+            stock_loss=bool(self._stock_loss_reasons),
+            precompute_ref_log_probs=args.precompute_ref_log_probs,
+            compute_metrics=self.compute_metrics is not None,
+        )
+        if data_collator is not None:
+            if layout.reasons:
                 raise ValueError(
-                    f"The data collator asks for {' + '.join(asks)}, which this trainer cannot run because "
-                    f"{'; '.join(reasons)}. Pass a collator with share_prompt=False and packing=False, or none."
+                    f"The data collator asks for {' + '.join(layout.refused)}, which this trainer cannot run because "
+                    f"{'; '.join(layout.reasons)}. Pass a collator with share_prompt=False and packing=False, or none."
                 )
             return data_collator
-        wanted = [name for name in ("share_prompt", "packing") if getattr(args, name, False)]
-        if wanted and reasons:
-            logger.warning("Plain layout instead of %s because %s.", " + ".join(wanted), "; ".join(reasons))
-            wanted = []
+        if layout.reasons:
+            logger.warning(layout.fallback_message())
         return PreferenceCollator(
-            # An id the embedding holds: TRL's pad id can lie beyond it (a `[PAD]` added without resizing); pad
-            # positions are masked, so which in-range id pads changes no number.
             pad_token_id=safe_pad_id(self._tokenizer, base_model(self.model)),
             max_length=args.max_length,
             truncation_mode=args.truncation_mode,
             pad_to_multiple_of=args.pad_to_multiple_of,
-            padding_side=getattr(args, "padding_side", "right"),
-            share_prompt="share_prompt" in wanted,
-            packing="packing" in wanted,
+            padding_side=extension_setting(args, "padding_side"),
+            share_prompt=layout.share_prompt,
+            packing=layout.packing,
         )
-
-    def _cache_usable(self) -> bool:
-        # Why: the cache holds plain per-token sums; ld_alpha weights the reference's tokens inside TRL's loss, which
-        # the cache cannot reproduce, so that run keeps TRL's reference forward (said once, not silently).
-        if self.ld_alpha is not None:
-            logger.warning("ref_cache is not used: ld_alpha weights the reference tokens inside TRL's loss.")
-            return False
-        return True
-
-    def _with_reference_cache(self, dataset, name: str):
-        """`dataset` plus per-token reference log-probs as columns: read from the cache, or computed and stored."""
-        if not isinstance(dataset, Dataset):
-            raise ValueError(f"ref_cache needs a map-style datasets.Dataset; the {name} dataset is {type(dataset)}.")
-        weights, adapter = self.reference.weights(self.model)
-        key = cache_key(
-            weights_fingerprint(weights, adapter),
-            dataset,
-            reference=self.reference.label,
-            max_length=self.args.max_length,
-            truncation_mode=self.args.truncation_mode,
-            share_prompt=self.share_prompt,
-            packing=self.packing,
-            attention=base_model(weights).config._attn_implementation,
-        )
-        path = cache_path(self.args.ref_cache_dir or cache_dir() / "ref_logps", key)
-        # The main process computes and writes; the others then read the same file.
-        with self.accelerator.main_process_first():
-            cached = load_reference_cache(path, key)
-            if cached is None:
-                cached = self._reference_answer_logps(dataset, name)
-                if self.accelerator.is_main_process:
-                    save_reference_cache(path, key, *cached)
-                    logger.info("Reference cache for the %s dataset written to %s", name, path)
-            else:
-                logger.info("Reference cache hit for the %s dataset: %s", name, path)
-        chosen, rejected = cached
-        return dataset.add_column(CACHE_COLUMNS[0], chosen).add_column(CACHE_COLUMNS[1], rejected)
-
-    @torch.no_grad()
-    def _reference_answer_logps(self, dataset: Dataset, name: str) -> tuple[list, list]:
-        loader = DataLoader(
-            dataset,
-            batch_size=self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size,
-            collate_fn=self.data_collator,
-            shuffle=False,
-        )
-        chosen, rejected = [], []
-        description = f"Reference log-probs of the {name} dataset (computed once, then cached)"
-        for batch in tqdm(loader, desc=description, disable=self.args.disable_tqdm):
-            with self.accelerator.autocast():
-                answers = self._reference_token_logps(self._prepare_inputs(batch)).answer_values()
-            chosen += answers[: len(answers) // 2]
-            rejected += answers[len(answers) // 2 :]
-        return chosen, rejected
 
     def _set_signature_columns_if_needed(self):
         # Why: the Trainer drops dataset columns that are not in the signature; keep the cached reference columns
@@ -263,7 +191,7 @@ class DPOTrainer(trl.DPOTrainer):
             raise ValueError("precompute_ref_log_probs covers the constructor's dataset only; use ref_cache=True.")
         dataset = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
         if self._uses_ref_cache:
-            dataset = self._with_reference_cache(dataset, "train")
+            dataset = with_reference_cache(self, dataset, "train")
         self.train_dataset = dataset
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -283,9 +211,8 @@ class DPOTrainer(trl.DPOTrainer):
         target = model if model is not None else self.model
         dtypes = {name: p.dtype for name, p in target.named_parameters() if p.requires_grad}
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        for name, param in target.named_parameters():
-            if name in dtypes and param.dtype != dtypes[name]:
-                param.data = param.data.to(dtypes[name])
+        for dtype in set(dtypes.values()):
+            cast_adapter_weights(target, dtype, names={name for name, d in dtypes.items() if d == dtype})
 
     def create_optimizer(self, model=None):
         # Why: the guard sits between the gradients and the weights, so a non-finite step never reaches them.
