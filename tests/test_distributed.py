@@ -155,7 +155,7 @@ def test_losses_and_gathered_metrics_equal_the_single_process_run_with_the_same_
 def test_reference_cache_is_built_once_by_rank_0_and_read_by_rank_1(runs):
     _, stderr, _ = runs["two"]
     # Not anchored to line starts: the other rank's progress bars share stderr and end in \r, not \n.
-    cache_log = r"\[rank (\d)\] trl_dpo_ext\.trainer: Reference cache {} (\S+\.safetensors)"
+    cache_log = r"\[rank (\d)\] trl_dpo_ext\.refcache: Reference cache {} (\S+\.safetensors)"
     written = re.findall(cache_log.format("for the train dataset written to"), stderr)
     hits = re.findall(cache_log.format("hit for the train dataset:"), stderr)
     assert [rank for rank, _ in written] == ["0"] and [rank for rank, _ in hits] == ["1"]
