@@ -180,25 +180,27 @@ def test_accelerate_configs_load_with_accelerate_and_name_only_real_launch_optio
     assert f"--config_file recipes/accelerate/{path.name}" in path.read_text().split("\ncompute_environment:")[0]
 
 
-def test_accelerate_configs_cover_single_gpu_ddp_fsdp_qlora_and_zero3():
+def test_accelerate_configs_cover_single_gpu_ddp_fsdp2_qlora_and_zero3():
     configs = {path.name: yaml.safe_load(path.read_text()) for path in CONFIGS.glob("*.yaml")}
     assert sorted(configs) == [
-        "ddp.yaml", "ddp_cpu.yaml", "deepspeed_zero3.yaml", "fsdp_qlora.yaml", "single_gpu.yaml"
+        "ddp.yaml", "ddp_cpu.yaml", "deepspeed_zero3.yaml", "fsdp2_qlora.yaml", "single_gpu.yaml"
     ]  # fmt: skip
     assert {name: c["distributed_type"] for name, c in configs.items()} == {
         "single_gpu.yaml": "NO",
         "ddp.yaml": "MULTI_GPU",
         "ddp_cpu.yaml": "MULTI_GPU",  # not MULTI_CPU: that starts one process without mpirun (see the file)
-        "fsdp_qlora.yaml": "FSDP",
+        "fsdp2_qlora.yaml": "FSDP",
         "deepspeed_zero3.yaml": "DEEPSPEED",
     }
     assert configs["ddp_cpu.yaml"]["use_cpu"] is True and configs["ddp_cpu.yaml"]["num_processes"] == 2
-    fsdp = configs["fsdp_qlora.yaml"]["fsdp_config"]
-    assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True
+    fsdp = configs["fsdp2_qlora.yaml"]["fsdp_config"]
+    # FSDP2 only: the recipe refuses FSDP1, which saves an empty adapter with peft 0.21 (issue #27).
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert configs["deepspeed_zero3.yaml"]["deepspeed_config"]["zero_stage"] == 3
     # FSDP and ZeRO-3 shard floating-point tensors: their launch commands must store the 4-bit weights as bf16.
-    for name in ("fsdp_qlora.yaml", "deepspeed_zero3.yaml"):
+    for name in ("fsdp2_qlora.yaml", "deepspeed_zero3.yaml"):
         assert "--bnb_4bit_quant_storage bfloat16" in (CONFIGS / name).read_text(), name
 
 

@@ -3,6 +3,7 @@
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from conftest import PAIRS
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers import TrainerCallback
 
 from trl_dpo_ext import DPOTrainer, load_qlora_model
-from trl_dpo_ext.nonfinite import METRIC, NonFiniteLossError
+from trl_dpo_ext.nonfinite import METRIC, NonFiniteGuard, NonFiniteLossError
 
 
 class NanGradient(torch.autograd.Function):
@@ -142,3 +145,24 @@ def test_the_streak_resets_after_a_finite_step(tiny_dir, tokenizer, dpo_args):
 def test_max_consecutive_nonfinite_is_validated(dpo_args):
     with pytest.raises(ValueError, match="`max_consecutive_nonfinite` must be >= 1, got 0"):
         dpo_args(max_consecutive_nonfinite=0)
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "nan_grad"])
+def test_the_guard_reads_a_sharded_gradient_norm(tmp_path, bad):
+    # Under FSDP2 the gradients are DTensors, and so is their total norm (issue #27: a bare AssertionError in DTensor
+    # dispatch). A 1-process gloo group with a file store: no port, nothing else in this process sees it.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+        weight.grad = distribute_tensor(torch.full((4, 3), float("nan") if bad else 0.5), mesh, [Shard(0)])
+        assert isinstance(torch.nn.utils.get_total_norm([weight.grad]), DTensor)
+        guard = NonFiniteGuard(3, SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+        optimizer = guard.wrap(torch.optim.SGD([weight], lr=1.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer.step()
+        assert torch.equal(weight.full_tensor(), torch.ones(4, 3) if bad else torch.full((4, 3), 0.5))
+        assert (guard.skipped, len(caught)) == ((1, 1) if bad else (0, 0))
+    finally:
+        torch.distributed.destroy_process_group()

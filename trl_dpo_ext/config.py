@@ -278,7 +278,7 @@ class QLoRAModelConfig(trl.ModelConfig):
             Dtype of the 4-bit matmuls: `bfloat16` on a GPU that supports it, `float32` elsewhere, when `"auto"`.
         bnb_4bit_quant_storage (`str`, *optional*):
             Storage dtype of the packed 4-bit weights (`uint8` when unset). FSDP needs every parameter in one dtype:
-            set it to the compute dtype (`bfloat16`), as `recipes/accelerate/fsdp_qlora.yaml` says.
+            set it to the compute dtype (`bfloat16`), as `recipes/accelerate/fsdp2_qlora.yaml` says.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": MODEL_HELP})

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 from accelerate.utils import gather_object
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from .metrics import extend_log
@@ -74,7 +75,12 @@ class NonFiniteGuard(TrainerCallback):
         finite = torch.ones((), dtype=torch.bool, device=device)
         if grads:
             # One fused norm over every gradient: it is NaN or inf exactly when some gradient value is.
-            finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads)).to(device)
+            norm = torch.nn.utils.get_total_norm(grads)
+            if isinstance(norm, DTensor):
+                # Why: under FSDP2 the gradients are sharded DTensors, and so is their norm; mixed with a plain tensor
+                # it fails in DTensor dispatch. Every rank steps here together, so the gather is safe.
+                norm = norm.full_tensor()
+            finite &= torch.isfinite(norm).to(device)
         if self._losses:
             finite &= torch.isfinite(torch.stack(self._losses)).all().to(device)
         if self.accelerator.num_processes > 1:

@@ -25,9 +25,9 @@ from trl import ScriptArguments, TrlParser, get_peft_config
 from . import sampling
 from .command_args import IterativeArguments, RecipeArguments
 from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, device_defaults
-from .errors import UserError
 from .implicit_reward import reward_margins
 from .iterative import IterativeDPOConfig, IterativeDPOTrainer
+from .launch import check_launch
 from .length_rule import rule_score
 from .metrics import preference_accuracy
 from .model_source import resolve_model_path
@@ -132,8 +132,9 @@ def parse_iterative(argv: list[str] | None = None, prog: str | None = None):
 
 class Recipe:
     """
-    The lifecycle both recipes share; a subclass fills in its steps. [`run`] calls them in order, in a world the
-    launcher really started, under the run lock (taken by the main process: the other ranks are the same run).
+    The lifecycle both recipes share; a subclass fills in its steps. [`run`] calls them in order, in the world the
+    launch asked for ([`trl_dpo_ext.launch.check_launch`]), under the run lock (taken by the main process: the other
+    ranks are the same run).
     """
 
     def __init__(self, training_args: DPOConfig, model_args: QLoRAModelConfig):
@@ -142,7 +143,7 @@ class Recipe:
         self.trainer = None
 
     def run(self):
-        check_world(self.state)
+        check_launch(self.state, self.args)
         with RunLock(self.args.output_dir) if self.state.is_main_process else contextlib.nullcontext():
             # Seed before the LoRA init (the Trainer seeds only later), so two runs with one seed start from one
             # adapter.
@@ -213,17 +214,6 @@ class Recipe:
     @property
     def dpo_trainer(self) -> DPOTrainer:
         return self.trainer
-
-
-def check_world(state: PartialState) -> None:
-    launched = int(os.environ.get("WORLD_SIZE", state.num_processes))  # set by torchrun / accelerate launch
-    if state.num_processes != launched:
-        # Why: N launched processes that each train alone are N unrelated runs sharing one output directory, with no
-        # error. It happens without CUDA when use_cpu is off: accelerate's config-file use_cpu does not reach them.
-        raise UserError(
-            f"The launcher started {launched} processes, but this one trains in a world of {state.num_processes}. "
-            "Without CUDA, pass --use_cpu true to the recipe."
-        )
 
 
 class DPORecipe(Recipe):

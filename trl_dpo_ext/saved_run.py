@@ -1,5 +1,5 @@
-"""A saved run read back: `dpo_config.json`, written by `DPOTrainer.save_model` beside every adapter it saves, and the
-base model loaded as that run trained it.
+"""A saved run checked and read back: the adapter file checked against the model that wrote it, `dpo_config.json`
+(written by `DPOTrainer.save_model` beside every adapter it saves), and the base model loaded as that run trained it.
 
 `dpo_config.json` holds the run's `DPOConfig` as JSON (never a pickle), the base model's 4-bit quantization and the
 collator's layout — what [`trl_dpo_ext.ImplicitReward`] and `trl-dpo-ext merge` need to rebuild the trained model.
@@ -12,6 +12,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 from peft import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from .atomic import atomic_write
@@ -22,6 +24,68 @@ from .models import base_model, nf4_config
 logger = logging.getLogger(__name__)
 
 TRAINING_CONFIG_FILE = "dpo_config.json"
+# Modules that wrappers (FSDP1, activation checkpointing, torch.compile) insert into parameter names; a saved adapter's
+# keys have none of them.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+class IncompleteAdapterError(RuntimeError):
+    """A save wrote an adapter file that lacks some of the model's trainable adapter weights."""
+
+
+def expected_adapter_keys(model) -> set[str]:
+    """
+    The keys peft writes for the trainable weights of `model`'s active adapter (a `peft.PeftModel`, unwrapped from
+    DDP/FSDP): each trainable parameter's name without wrapper modules and, as peft names them in a save, without the
+    adapter name (`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`; a `modules_to_save` copy is saved
+    under the wrapped module's own name).
+    """
+    adapter, keys = model.active_adapter, set()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
+        if "modules_to_save" in parts[:-1] and parts[parts.index("modules_to_save") + 1] == adapter:
+            at = parts.index("modules_to_save")
+            parts = parts[:at] + parts[at + 2 :]
+        elif parts[-1] == adapter:
+            parts = parts[:-1]
+        elif len(parts) > 1 and parts[-2] == adapter:
+            parts = parts[:-2] + parts[-1:]
+        keys.add(".".join(parts))
+    return keys
+
+
+def check_saved_adapter(model, output_dir: str | Path) -> Path:
+    """
+    Check that the adapter file a save just wrote in `output_dir` holds every trainable adapter weight of `model`
+    (see [`expected_adapter_keys`]): an empty or partial adapter fails here, at the save, not when it is loaded.
+
+    Returns:
+        `Path` of the checked file.
+
+    Raises:
+        [`IncompleteAdapterError`]: naming the file, the count of weights written against expected, and the keys
+        missing.
+    """
+    adapter = model.active_adapter
+    # peft writes the adapter named "default" in the directory itself, any other in a subdirectory of its name.
+    path = Path(output_dir) / ("" if adapter == "default" else adapter) / SAFETENSORS_WEIGHTS_NAME
+    expected = expected_adapter_keys(model)
+    written = set()
+    if path.is_file():
+        with safe_open(path, framework="pt") as saved:
+            written = set(saved.keys())
+    missing = sorted(expected - written)
+    if missing:
+        raise IncompleteAdapterError(
+            f"{path} holds {len(expected & written)} of the {len(expected)} trainable adapter weights "
+            f"({len(missing)} missing, e.g. {missing[:3]}): the saved adapter is "
+            f"{'empty' if not written else 'partial'}. Likely cause: a sharded save whose state dict keys do not "
+            "match the adapter's (FSDP1 names them with _fsdp_wrapped_module; use FSDP2), or a DeepSpeed save "
+            "without a gathered 16-bit model (zero3_save_16bit_model: true)."
+        )
+    return path
 
 
 def save_training_config(trainer, output_dir: str | Path) -> Path:

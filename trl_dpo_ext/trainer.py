@@ -28,6 +28,7 @@ from .atomic import apply_umask_permissions
 from .checkpoints import resolve_resume
 from .collator import INDEX_COLUMN, PreferenceCollator
 from .config import DPOConfig, extension_setting
+from .launch import check_accelerator
 from .layout import choose_layout, layout_configs
 from .logps import NON_MODEL_KEYS, TokenLogps, completion_token_logps
 from .losses import LOSSES, preference_loss
@@ -45,6 +46,7 @@ from .nonfinite import NonFiniteGuard
 from .preference_data import validate_preference_dataset
 from .refcache import CACHE_COLUMNS, reference_cache_usable, with_reference_cache
 from .reference import Reference, drop_identity_copy
+from .saved_run import check_saved_adapter
 
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class DPOTrainer(trl.DPOTrainer):
         # the layouts of fewer): each process fetches its own batches instead, as TRL does for an iterable train set.
         args.accelerator_config.dispatch_batches = False
         super().__init__(model, ref_model, args, data_collator, *pargs, **kwargs)
+        check_accelerator(self.accelerator, self.args)  # accelerate drops an FSDP/DeepSpeed it cannot set up silently
         if copies_adapter:
             drop_identity_copy(self.model)
         # Why: on an AVX512-BF16 CPU, bitsandbytes would run eval-mode passes (the reference cache, evaluation) in bf16
@@ -327,11 +330,21 @@ class DPOTrainer(trl.DPOTrainer):
             dataset_name (`str`, *optional*): Hub id of the training data, for the model card's `datasets` field.
         """
         super().save_model(output_dir, _internal_call)
+        if self.args.should_save and self._saves_adapter_weights():
+            # Why: a sharded save can write an empty or partial adapter without an error (FSDP1 with peft 0.21).
+            check_saved_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
         save_model_files(self, output_dir or self.args.output_dir, final=not _internal_call, dataset_name=dataset_name)
         if self.is_world_process_zero():
             # Why: safetensors writes weights through a private (0600) temp file, whatever the umask; a checkpoint's
             # save comes through here too.
             apply_umask_permissions(output_dir or self.args.output_dir)
+
+    def _saves_adapter_weights(self) -> bool:
+        """Whether `save_model` writes the adapter file: for a PEFT model, except under FSDP with a sharded state dict
+        (transformers then saves weights only in the checkpoint's shards)."""
+        if not is_peft_model(self.accelerator.unwrap_model(self.model)):
+            return False
+        return not self.is_fsdp_enabled or "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         """TRL's model card in `args.output_dir`, extended by [`trl_dpo_ext.model_card.extend_model_card`]."""
