@@ -15,13 +15,12 @@ from peft import PeftConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from .atomic import atomic_write
+from .checkpoints import TRAINING_CONFIG_FILE
 from .collator import PreferenceCollator
 from .models import base_model, nf4_config
 
 
 logger = logging.getLogger(__name__)
-
-TRAINING_CONFIG_FILE = "dpo_config.json"
 
 
 def save_training_config(trainer, output_dir: str | Path) -> Path:
