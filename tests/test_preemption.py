@@ -21,6 +21,7 @@ from transformers import TrainerControl, TrainerState
 from trl_dpo_ext.checkpoints import checkpoint_problem
 from trl_dpo_ext.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, exit_status_of
 from trl_dpo_ext.preemption import SIGNALS, PreemptionCallback
+from trl_dpo_ext.tiny_model import default_model_path
 
 
 ROOT = Path(__file__).parents[1]
@@ -35,11 +36,19 @@ RECIPE = [sys.executable, str(ROOT / "recipes" / "dpo_qlora.py")]
 PROMPTS = [row["prompt"] for row in PAIRS] * 2  # as tests/test_iterative.py samples
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One `TRL_DPO_EXT_CACHE` for the module's runs: the tiny model is built once, here, not by every run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRL_DPO_EXT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        default_model_path()
+        yield
+
+
 def environment(tmp_path: Path, **extra: str) -> dict:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "TRL_DPO_EXT_CACHE": str(tmp_path / "cache"),
         "CUDA_VISIBLE_DEVICES": "",
         # One thread each: the runs of a test overlap on a small machine, and every run of a comparison computes with
         # the same thread count.
@@ -217,7 +226,12 @@ def test_ddp_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
 
 
 class _OneProcess:
+    """The part of an `Accelerator` the callback uses, for one process."""
+
     num_processes, is_main_process = 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
 
 
 def test_handlers_are_ours_only_while_training_and_a_second_ctrl_c_interrupts():
