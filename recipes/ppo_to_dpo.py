@@ -1,4 +1,6 @@
-"""A TRL PPO script, run as DPO. Shaped like TRL's `examples/scripts/ppo/ppo.py`; the one changed line is the import.
+"""A TRL PPO script, run as DPO. Shaped like TRL's `examples/scripts/ppo/ppo.py`; the changed line is the import, and
+TRL's `shutil.rmtree(output_dir)` is gone: an `--output_dir` holding anything but a run of this script is refused, one
+of its runs is reused (pass `--resume_from_checkpoint last` to resume its training).
 
     accelerate launch recipes/ppo_to_dpo.py            # offline: tiny local policy + reward model, bundled prompts
     accelerate launch recipes/ppo_to_dpo.py --sft_model_path EleutherAI/pythia-1b-deduped \
@@ -11,13 +13,14 @@ reward model built beside it (random weights: this demonstrates the pipeline, no
 prompts of the bundled toy preference set.
 """
 
-import shutil
+import sys
 
 from accelerate import PartialState
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
+from trl_dpo_ext import errors, ppo_api
 from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer  # was: from trl.experimental.ppo import PPOConfig, PPOTrainer
 from trl_dpo_ext.preference_data import bundled_preference_dataset
 from trl_dpo_ext.tiny_model import default_model_path, default_reward_model_path
@@ -30,7 +33,11 @@ if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
     parser.set_defaults(bf16=False, gradient_checkpointing=False, learning_rate=1e-3, output_dir="runs/ppo_to_dpo")
     script_args, training_args, model_args = parser.parse_args_and_config()
-    shutil.rmtree(training_args.output_dir, ignore_errors=True)
+    try:  # instead of TRL's shutil.rmtree(training_args.output_dir): never delete a directory we did not write
+        ppo_api.check_reusable_output_dir(training_args.output_dir)
+    except errors.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(errors.EXIT_USER_ERROR) from None
     with PartialState().main_process_first():
         if training_args.sft_model_path == PPO_DEFAULT_MODEL:
             training_args.sft_model_path = str(default_model_path())

@@ -1,7 +1,8 @@
 """`trl-dpo-ext iterative` with a SIGKILL planted in a chosen round and step, for `tests/test_iterative.py`.
 
 `python tests/iterative_run.py FLAGS` runs `trl_dpo_ext.recipe.iterative_main` as `trl-dpo-ext iterative` does. With
-`KILL_AT=r:k` the process SIGKILLs itself when optimizer step k of round r ends (before it is logged or saved).
+`KILL_AT=r:k` the process SIGKILLs itself when optimizer step k of round r ends (before it is logged or saved);
+`KILL_SIGNAL=TERM` (or any other name) sends that signal instead, for `tests/test_preemption.py`.
 """
 
 import logging
@@ -21,7 +22,7 @@ class KillAt(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if Path(args.output_dir).name == f"round-{self.round}" and state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.Signals[f"SIG{os.environ.get('KILL_SIGNAL', 'KILL')}"])
 
 
 class KillableIterative(IterativeDPOTrainer):

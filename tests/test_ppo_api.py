@@ -11,8 +11,9 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
+from trl_dpo_ext.errors import UserError
 from trl_dpo_ext.pairs import build_preference_pairs
-from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer
+from trl_dpo_ext.ppo_api import PPOConfig, PPOTrainer, check_reusable_output_dir
 from trl_dpo_ext.tiny_model import tiny_llama_config
 
 
@@ -257,3 +258,23 @@ def test_num_rounds_runs_iterative_dpo_with_the_ppo_scripts_models(policy, tiny_
     assert all(torch.equal(p, before[n]) for n, p in reference.named_parameters())  # the reference never trains
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_an_output_dir_that_is_not_one_of_its_runs_is_refused_and_kept(tmp_path):
+    check_reusable_output_dir(tmp_path / "new")  # missing: created by the run
+    check_reusable_output_dir(tmp_path)  # empty
+    for marker in ("preference_pairs", "dpo_config.json", "round-1"):  # one of its runs: reused
+        run = tmp_path / f"run_{marker}"
+        (run / marker).mkdir(parents=True)
+        (run / "notes.txt").write_text("kept")
+        check_reusable_output_dir(run)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError) as error:
+        check_reusable_output_dir(theirs)
+    assert str(error.value) == (
+        f"output_dir {theirs} is not empty and holds no run of this script (no preference_pairs/ or dpo_config.json); "
+        "nothing was deleted. Pass a new or empty --output_dir."
+    )
+    assert (theirs / "thesis.tex").read_text() == "years of work"

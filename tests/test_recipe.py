@@ -63,6 +63,17 @@ def test_tiny_recipe_runs_offline_through_accelerate_launch(tmp_path):
     assert (out / "metrics.png").stat().st_size > 1000
 
 
+def test_ppo_to_dpo_recipe_refuses_a_directory_it_did_not_write(tmp_path):
+    # TRL's PPO example deletes whatever --output_dir names; ours refuses it in one line and deletes nothing.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data.csv").write_text("a,b\n")
+    command = [sys.executable, str(ROOT / "recipes" / "ppo_to_dpo.py"), "--output_dir", str(theirs)]
+    result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert result.returncode == 2 and (theirs / "data.csv").read_text() == "a,b\n"
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: output_dir {theirs} is not empty")
+
+
 def test_ppo_to_dpo_recipe_runs_offline_through_accelerate_launch(tmp_path):
     out = tmp_path / "run"
     launch(

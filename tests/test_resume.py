@@ -12,7 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trl_dpo_ext.checkpoints import checkpoint_problem, resolve_resume, resume_request
+from trl_dpo_ext.checkpoints import (
+    INCOMPLETE_DIR,
+    TRAINING_CONFIG_FILE,
+    checkpoint_problem,
+    resolve_resume,
+    resume_request,
+)
 
 
 ROOT = Path(__file__).parents[1]
@@ -69,9 +75,15 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path):
         "is missing (the run was killed while writing this checkpoint)"
     )
     assert (out / "checkpoint-8" / "adapter_model.safetensors").exists()  # half a checkpoint, the bait
+    # What marks a checkpoint as ours even when killed mid-save: written right after the weights.
+    assert (out / "checkpoint-8" / TRAINING_CONFIG_FILE).is_file()
 
     third = run(tmp_path, "killed", "--resume_from_checkpoint", "latest")  # every word of LATEST, any command
-    assert "Removing incomplete checkpoint" in third.stderr and "Resuming from" in third.stderr
+    # Moved aside, not deleted (issue #28): out of the Trainer's `checkpoint-*` rotation, whole.
+    (aside,) = (out / INCOMPLETE_DIR).iterdir()
+    assert f"Moved incomplete checkpoint {out / 'checkpoint-8'} aside to {aside}" in third.stderr
+    assert aside.name.startswith("checkpoint-8-") and (aside / "adapter_model.safetensors").is_file()
+    assert "Resuming from" in third.stderr
     assert "Reference cache hit for the train dataset" in third.stderr
     assert cache_file(tmp_path) == cache and cache.stat().st_mtime_ns == stamp  # reused, never rewritten
 
@@ -115,13 +127,31 @@ def test_last_picks_the_newest_complete_checkpoint_and_starts_fresh_without_one(
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    (tmp_path / "checkpoint-6").mkdir()  # killed before its trainer state was written
-    (tmp_path / "checkpoint-10").mkdir()
-    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 8}))  # wrong step
+    (tmp_path / "checkpoint-6").mkdir()  # ours, killed before its trainer state was written
+    (tmp_path / "checkpoint-6" / TRAINING_CONFIG_FILE).write_text("{}")
+    (tmp_path / "checkpoint-10").mkdir()  # ours, with the wrong step
+    (tmp_path / "checkpoint-10" / TRAINING_CONFIG_FILE).write_text("{}")
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 8}))
     assert resolve_resume("last", tmp_path) == str(tmp_path / "checkpoint-4")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    # Issue #28: moved aside into _incomplete/, no longer deleted.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [INCOMPLETE_DIR, "checkpoint-2", "checkpoint-4"]
+    aside = sorted(p.name.rsplit("-", 3)[0] for p in (tmp_path / INCOMPLETE_DIR).iterdir())
+    assert aside == ["checkpoint-10", "checkpoint-6"]
     assert resolve_resume(None, tmp_path) is None and resolve_resume(False, tmp_path) is None
     assert resolve_resume(True, tmp_path) == str(tmp_path / "checkpoint-4")
+
+
+def test_an_incomplete_checkpoint_that_is_not_ours_is_left_in_place(tmp_path, caplog):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    theirs = tmp_path / "checkpoint-5"  # another tool's directory, or ours killed before its first file
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    with caplog.at_level("WARNING", logger="trl_dpo_ext.checkpoints"):
+        assert resolve_resume("last", tmp_path) == str(tmp_path / "checkpoint-2")
+    assert (theirs / "notes.txt").read_text() == "keep me" and not (tmp_path / INCOMPLETE_DIR).exists()
+    assert f"Skipping {theirs}: {theirs / 'trainer_state.json'} is missing" in caplog.text
+    assert f"it is not a checkpoint of this package (no {TRAINING_CONFIG_FILE}): left as it is." in caplog.text
 
 
 @pytest.mark.parametrize(

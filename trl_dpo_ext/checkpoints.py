@@ -4,14 +4,17 @@
 `trainer_state.json` last. A process killed in between (an OOM kill, a preemption) leaves a `checkpoint-N` directory
 that looks like the newest one but lacks files or holds a truncated `trainer_state.json`; resuming from it fails, or
 worse, continues from a mix of two steps. A checkpoint is complete when its `trainer_state.json` parses and records
-step N. Resuming picks the newest complete checkpoint and removes incomplete ones newer than it (they are re-written
-when training reaches their step again).
+step N. Resuming picks the newest complete checkpoint; incomplete ones newer than it are re-written when training
+reaches their step again, so they are moved out of the way, never deleted: ours (they hold `dpo_config.json`, which
+every save of ours writes right after the weights) into `output_dir/_incomplete/checkpoint-N-TIME`, a name the
+Trainer's checkpoint rotation (`checkpoint-*`) and `push_to_hub` (which skips `_*`) never touch; a directory named
+like a checkpoint that is not ours is left where it is, with a warning.
 """
 
 import json
 import logging
 import re
-import shutil
+from datetime import datetime
 from pathlib import Path
 
 from transformers.trainer import TRAINER_STATE_NAME
@@ -20,6 +23,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
+# `dpo_config.json`, written by `saved_run.save_training_config` in every save of this package, checkpoints included
+# (defined here, the lowest layer that needs it: it tells our checkpoints from others').
+TRAINING_CONFIG_FILE = "dpo_config.json"
+INCOMPLETE_DIR = "_incomplete"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # `--resume_from_checkpoint` words (any case) that mean "the newest complete checkpoint in output_dir, if any", and
 # those that mean "start fresh" (what a YAML or a shell script writes for no).
@@ -73,8 +80,9 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | No
 
     Args:
         value: read by [`resume_request`]. Fresh: `None`. Latest: the newest complete checkpoint in `output_dir`
-            (incomplete newer ones are removed with a warning), or a fresh start when there is none, so a preemptible
-            job can always pass it. A path: that checkpoint, which must be complete.
+            (incomplete newer ones of ours are moved into `output_dir/_incomplete/`, others are left in place, both
+            with a warning), or a fresh start when there is none, so a preemptible job can always pass it. A path:
+            that checkpoint, which must be complete.
         output_dir: the run's output directory.
 
     Raises:
@@ -90,8 +98,7 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | No
             if problem is None:
                 complete = path
                 break
-            logger.warning("Removing incomplete checkpoint %s: %s.", path, problem)
-            shutil.rmtree(path)
+            set_aside(path, problem)
         if complete is None:
             logger.warning("No complete checkpoint in %s: training starts from the beginning.", output_dir)
             return None
@@ -104,3 +111,19 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | No
             "resume from the newest complete checkpoint."
         )
     return str(value)
+
+
+def set_aside(path: Path, problem: str) -> None:
+    """Move the incomplete checkpoint `path` into `_incomplete/` beside it if this package wrote it; else leave it."""
+    if not (path / TRAINING_CONFIG_FILE).is_file():
+        logger.warning(
+            "Skipping %s: %s, and it is not a checkpoint of this package (no %s): left as it is.",
+            path,
+            problem,
+            TRAINING_CONFIG_FILE,
+        )
+        return
+    target = path.parent / INCOMPLETE_DIR / f"{path.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    target.parent.mkdir(exist_ok=True)
+    path.rename(target)
+    logger.warning("Moved incomplete checkpoint %s aside to %s: %s.", path, target, problem)

@@ -91,6 +91,11 @@ class DPOConfig(trl.DPOConfig):
             weight and are rounded away; `float32` keeps them. The forward still runs in the 4-bit compute dtype (and
             under autocast with `bf16=True`). `"bfloat16"` restores TRL's cast. No effect on a base that is not
             quantized (TRL casts nothing there).
+        save_on_preemption (`bool`, *optional*, defaults to `True`):
+            On SIGTERM, SIGUSR1 or a first Ctrl-C during training, finish the current optimizer step, write a complete
+            checkpoint, and stop with exit status 75 (`--resume_from_checkpoint last` continues it exactly); see
+            [`trl_dpo_ext.preemption`]. A second Ctrl-C stops at once. `False`: the signals act as they would without
+            this package.
 
     TRL fields this trainer treats differently keep TRL's defaults; their help says what happens here:
     `padding_free=True` turns on `packing` (TRL 1.16 ignores it), `max_length` drops a row whose prompt fills it with a
@@ -193,6 +198,13 @@ class DPOConfig(trl.DPOConfig):
             "help": "Dtype of the trainable adapter weights on a 4-bit base. float32 keeps AdamW's small updates at "
             "DPO learning rates, which TRL's bfloat16 cast rounds away; bfloat16 restores TRL's cast.",
             "choices": ["float32", "bfloat16"],
+        },
+    )
+    save_on_preemption: bool = field(
+        default=True,
+        metadata={
+            "help": "On SIGTERM, SIGUSR1 or a first Ctrl-C, finish the optimizer step, write a checkpoint and exit "
+            "with status 75; --resume_from_checkpoint last continues it exactly. A second Ctrl-C stops at once."
         },
     )
 

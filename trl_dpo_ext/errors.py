@@ -7,6 +7,11 @@ by the config dataclasses and the data loader with the field, file, line or row 
 cannot be read or written (`OSError`) and our own `UserError` (a run already holding the output directory, ...).
 Anything else is a bug: it keeps its traceback. `TRL_DPO_EXT_DEBUG=1` (or `trl-dpo-ext --debug COMMAND`) re-raises
 user errors too, with the traceback.
+
+A run stopped by a preemption signal (SIGTERM, SIGUSR1, a first Ctrl-C) after writing a checkpoint ends with
+`EXIT_PREEMPTED` (75, `EX_TEMPFAIL` of `sysexits.h`: "try again later"): a scheduler or a wrapper script can tell it
+from a failure (1, 2) and from a process killed before it could save (143 = 128 + SIGTERM, as a shell reports it),
+and requeue the same command with `--resume_from_checkpoint last`. See `trl_dpo_ext.preemption`.
 """
 
 import os
@@ -17,10 +22,30 @@ from collections.abc import Callable
 DEBUG_ENV = "TRL_DPO_EXT_DEBUG"
 EXIT_USER_ERROR = 2  # as argparse exits on a bad flag: the input needs changing
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written, run the same command again to resume
 
 
 class UserError(Exception):
     """An error whose message says what to change; the command line prints it without a traceback."""
+
+
+class Preempted(SystemExit):
+    """
+    Training stopped on a preemption signal after writing a checkpoint. A `SystemExit` with status `EXIT_PREEMPTED`, so
+    that any script training with [`trl_dpo_ext.DPOTrainer`] ends with that status and no traceback, and that
+    `except Exception` handlers between the trainer and the script's end do not swallow it.
+
+    Args:
+        message (`str`): what stopped, at which step, and where the checkpoint is.
+        checkpoint (`str`, *optional*): the checkpoint written.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(EXIT_PREEMPTED)
+        self.message, self.checkpoint = message, checkpoint
+
+    def __str__(self) -> str:
+        return self.message
 
 
 USER_ERRORS = (UserError, ValueError, OSError)
@@ -35,7 +60,8 @@ def exit_status_of(function: Callable[..., int | None], *args, debug: bool = Fal
     """
     Call `function(*args)` and return its exit status (0 when it returns None). A user error is printed as
     `error: MESSAGE` on stderr and gives status 2, Ctrl-C gives 130, both without a traceback unless `debug` or
-    `TRL_DPO_EXT_DEBUG` is set; any other exception propagates with its traceback.
+    `TRL_DPO_EXT_DEBUG` is set; a preemption (`Preempted`, whose message the trainer has logged) gives 75; any other
+    exception propagates with its traceback.
     """
     debug = debug or debug_requested()
     try:
@@ -51,6 +77,8 @@ def exit_status_of(function: Callable[..., int | None], *args, debug: bool = Fal
             raise
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Preempted as preempted:
+        return preempted.code
     return 0 if status is None else status
 
 

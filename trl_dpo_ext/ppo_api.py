@@ -23,8 +23,9 @@ import torch
 from datasets import Dataset
 
 from .atomic import atomic_dir, atomic_write
-from .checkpoints import resume_request
+from .checkpoints import TRAINING_CONFIG_FILE, resume_request
 from .config import DPOConfig
+from .errors import UserError
 from .models import mask_pad_id
 from .pairs import build_preference_pairs, reward_model_scores
 from .sampling import SamplingConfig, check_pair_samples, generate, prompt_ids
@@ -32,6 +33,11 @@ from .trainer import DPOTrainer
 
 
 logger = logging.getLogger(__name__)
+
+PAIRS_DIR = "preference_pairs"
+# What a run of `PPOTrainer` leaves in its output_dir, any of which makes the directory one of its runs: the pairs, a
+# save of ours (`dpo_config.json`, also in every checkpoint), the first round of iterative DPO (`num_rounds > 1`).
+_RUN_MARKERS = (PAIRS_DIR, TRAINING_CONFIG_FILE, "round-1")
 
 
 @dataclass
@@ -224,7 +230,7 @@ class PPOTrainer:
             sampling=self.args.sampling(),
         )
         if self.args.process_index == 0:
-            with atomic_dir(Path(self.args.output_dir) / "preference_pairs") as staging:
+            with atomic_dir(Path(self.args.output_dir) / PAIRS_DIR) as staging:
                 pairs.save_to_disk(str(staging))
         return pairs
 
@@ -354,3 +360,21 @@ def _show_table(rows: list[dict]) -> None:
     for row in rows:
         table.add_row(row["query"], row["model response"], f"{row['score']:.4f}")
     Console().print(table)
+
+
+def check_reusable_output_dir(output_dir: str | Path) -> None:
+    """
+    Refuse an `output_dir` that holds something else than a run of [`PPOTrainer`]: it is written into, so files of
+    the user's would be mixed with (or replaced by) a run's. A missing or empty directory, or one of its own runs
+    (reused, or resumed with `resume_from_checkpoint`), passes. Nothing is deleted either way.
+
+    Raises:
+        [`trl_dpo_ext.errors.UserError`]: naming the directory and what to do.
+    """
+    path = Path(output_dir)
+    if not path.is_dir() or not any(path.iterdir()) or any((path / name).exists() for name in _RUN_MARKERS):
+        return
+    raise UserError(
+        f"output_dir {path} is not empty and holds no run of this script (no {PAIRS_DIR}/ or {TRAINING_CONFIG_FILE}); "
+        "nothing was deleted. Pass a new or empty --output_dir."
+    )

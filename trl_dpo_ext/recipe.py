@@ -25,6 +25,7 @@ from trl import ScriptArguments, TrlParser, get_peft_config
 from . import sampling
 from .command_args import IterativeArguments, RecipeArguments
 from .config import CPU_DEFAULTS, DPOConfig, QLoRAModelConfig, device_defaults
+from .errors import Preempted
 from .implicit_reward import reward_margins
 from .iterative import IterativeDPOConfig, IterativeDPOTrainer
 from .launch import check_launch
@@ -150,7 +151,11 @@ class Recipe:
             set_seed(self.args.seed)
             self.setup()
             before = self.measure("before")
-            trained = self.train()
+            try:
+                trained = self.train()
+            except Preempted:
+                self.shutdown()  # the checkpoint is written; the same clean exit as a finished run (DDP)
+                raise
             after = self.measure("after")
             self.save()
             result = self.report(before, trained, after)

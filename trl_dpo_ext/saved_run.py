@@ -17,13 +17,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from .atomic import atomic_write
+from .checkpoints import TRAINING_CONFIG_FILE
 from .collator import PreferenceCollator
 from .models import base_model, nf4_config
 
 
 logger = logging.getLogger(__name__)
 
-TRAINING_CONFIG_FILE = "dpo_config.json"
 # Modules that wrappers (FSDP1, activation checkpointing, torch.compile) insert into parameter names; a saved adapter's
 # keys have none of them.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")

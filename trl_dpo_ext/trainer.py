@@ -9,7 +9,7 @@ TRL runs the loop, the data preparation, checkpointing and logging. This subclas
   function;
 - `create_optimizer` / `training_step`: a step with a non-finite loss or gradient is skipped (`nonfinite.py`);
 - `train` / `_load_from_checkpoint`: resume only from a completely written checkpoint (`checkpoints.py`), in the
-  dtypes the interrupted run trained in;
+  dtypes the interrupted run trained in; on a stop signal, save a checkpoint and raise `Preempted` (`preemption.py`);
 - `__init__` tail: one reference only — no redundant adapter copy (what the reference is: `reference.py`) — the
   layout (chosen by `layout.choose_layout`; reported from the collator that runs), the reference cache
   (`refcache.py`) and the metric callbacks.
@@ -43,6 +43,7 @@ from .metrics import (
 from .model_card import extend_model_card, save_model_files
 from .models import base_model, cast_adapter_weights, keep_fp32_cpu_kernels, safe_pad_id, upcast_adapter_weights
 from .nonfinite import NonFiniteGuard
+from .preemption import PreemptionCallback
 from .preference_data import validate_preference_dataset
 from .refcache import CACHE_COLUMNS, reference_cache_usable, with_reference_cache
 from .reference import Reference, drop_identity_copy
@@ -118,6 +119,11 @@ class DPOTrainer(trl.DPOTrainer):
                 MetricsHistoryCallback(),
             ],
         )
+        self.preemption = (
+            PreemptionCallback(self.accelerator) if extension_setting(args, "save_on_preemption") else None
+        )
+        if self.preemption is not None:
+            self.add_callback(self.preemption)
 
     @property
     def share_prompt(self) -> bool:
@@ -202,11 +208,22 @@ class DPOTrainer(trl.DPOTrainer):
         [`transformers.Trainer.train`], resuming only from a completely written checkpoint: `True` or `"last"` picks
         the newest complete one in `output_dir` (or starts fresh if there is none); see
         [`trl_dpo_ext.checkpoints.resolve_resume`].
+
+        Raises:
+            [`trl_dpo_ext.errors.Preempted`]: with `save_on_preemption`, training stopped on SIGTERM, SIGUSR1 or a
+                first Ctrl-C after writing a checkpoint (see [`trl_dpo_ext.preemption`]).
         """
-        # The main process removes incomplete checkpoints first; the others then find the same complete one.
+        # The main process moves incomplete checkpoints aside first; the others then find the same complete one.
         with self.accelerator.main_process_first():
             resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint=resume, **kwargs)
+        if self.preemption is None:
+            return super().train(resume_from_checkpoint=resume, **kwargs)
+        try:
+            output = super().train(resume_from_checkpoint=resume, **kwargs)
+        finally:
+            self.preemption.restore()  # also when training fails: a swallowed SIGTERM would outlive it
+        self.preemption.raise_if_preempted()
+        return output
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Why: peft upcasts a loaded adapter to fp32, but a run with `adapter_dtype="bfloat16"` trains it in bf16; a
