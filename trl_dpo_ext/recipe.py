@@ -90,15 +90,15 @@ def _group_flags(parser: ArgumentParser, dataclasses: tuple[type, ...]) -> None:
                 groups[owner[action.dest]]._group_actions.append(action)
 
 
-def parse(argv: list[str] | None = None, default_config: str | Path = DEFAULT_CONFIG, prog: str | None = None):
+def parse(argv: list[str] | None = None, prog: str | None = None):
     """
     Parse `argv` (default: `sys.argv[1:]`) into `(ScriptArguments, DPOConfig, QLoRAModelConfig, RecipeArguments)`,
-    reading `default_config` unless `--config` names another YAML file (or a packaged one by name, see
+    reading `DEFAULT_CONFIG` unless `--config` names another YAML file (or a packaged one by name, see
     [`config_path`]). Flags override the YAML.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
-        argv = ["--config", str(default_config), *argv]
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
     at = argv.index("--config") + 1
     if at < len(argv):
         argv[at] = config_path(argv[at])
