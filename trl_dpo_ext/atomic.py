@@ -3,19 +3,34 @@
 The temp file or directory (`tempfile` makes them 0600 / 0700, private) gets, before it is renamed into place, the
 mode a plain `open` or `mkdir` would give it: 0666 / 0777 less the process umask. Otherwise nobody but the owner could
 read a trained adapter or a merged model, whatever the user's umask says.
+
+A full disk: a write that fails with `ENOSPC` (or `EDQUOT`) leaves no temp file and raises
+[`trl_dpo_ext.errors.DiskFullError`] naming the path ([`is_disk_full`] tells such a failure from others, whichever
+library wrote). Writes made in place by transformers or peft go through [`removed_on_full_disk`]: what they wrote
+before the disk filled up is removed, never left half-written.
 """
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from .errors import DiskFullError
+
 
 _UMASK_LOCK = threading.Lock()
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How libraries that do not raise an `OSError` report one: Rust's io::Error (safetensors, tokenizers) and the strerror.
+_DISK_FULL_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122")
+# torch's zip writer (`torch.save` to a path: transformers' optimizer, scheduler and RNG files) reports a failed write
+# without its cause, as a position mismatch; a disk left with no free space tells that cause.
+_UNEXPLAINED_WRITE_FAILURES = ("PytorchStreamWriter failed writing", "unexpected pos")
+NO_SPACE_LEFT = 1 << 20  # bytes: less than this free after a failed write counts as a full disk
 
 
 def current_umask() -> int:
@@ -57,11 +72,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
-            os.fsync(handle.fileno())
+        # Why: on a full disk the error must name the file (an `ENOSPC` from a write names none), and say nothing
+        # half-written is left: the temp file goes, the old file (if any) is untouched.
+        with disk_full_reported(path, "it was not written (an earlier version, if any, is unchanged)."):
+            with os.fdopen(fd, mode, **open_kwargs) as handle:
+                yield handle
+                handle.flush()
+                os.fchmod(handle.fileno(), 0o666 & ~current_umask())
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -80,7 +98,9 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        yield staging
+        # Why: as for `atomic_write`, a full disk is reported with the path; the staging directory goes.
+        with disk_full_reported(path, "it was not written (an earlier version, if any, is unchanged)."):
+            yield staging
         apply_umask_permissions(staging)  # the staging directory itself included
         old = None
         if replace and path.exists():
@@ -92,3 +112,89 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def free_space(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged write may still use on the filesystem of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def is_disk_full(error: BaseException, path: str | os.PathLike) -> bool:
+    """
+    Whether `error`, raised by a write under `path`, or any exception it was raised from, says that the disk is full:
+    an `OSError` with errno `ENOSPC`/`EDQUOT`, a message with their text (safetensors and tokenizers write in Rust),
+    or a write failure reported without its cause (torch's zip writer) while the disk has (almost) no space left.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError):
+            return True
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(error)
+        if any(words in text for words in _DISK_FULL_WORDS):
+            return True
+        if any(words in text for words in _UNEXPLAINED_WRITE_FAILURES) and free_space(path) < NO_SPACE_LEFT:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_reported(path: str | os.PathLike, message: str) -> Iterator[None]:
+    """Raise a failure of the block that [`is_disk_full`] as a `DiskFullError` naming `path`, with `message`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not is_disk_full(error, path):
+            raise
+        raise DiskFullError(path, message) from error
+
+
+def _file_stamps(directory: Path, skip: Callable[[str], bool]) -> dict[Path, tuple[int, ...]]:
+    stamps = {}
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [name for name in dirs if not skip(name)]
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                stat = os.stat(os.path.join(root, name))
+                stamps[Path(root, name)] = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return stamps
+
+
+@contextlib.contextmanager
+def removed_on_full_disk(
+    directory: str | os.PathLike, message: str, skip: Callable[[str], bool] = lambda name: False
+) -> Iterator[None]:
+    """
+    For writes made in place in `directory` by code we do not control (transformers' and peft's saves): when the block
+    fails on a full disk, every file it created or changed there is removed (the one the disk filled up in is
+    half-written, the others belong to a save that did not finish), and a `DiskFullError` naming `directory` is raised
+    with `message` and the files removed. Files the block did not touch stay as they were.
+
+    Args:
+        directory (`str` or `os.PathLike`): where the block writes.
+        message (`str`): what was being saved and what to do, for the error.
+        skip (`Callable[[str], bool]`): names of subdirectories not to look into (what the block never writes:
+            checkpoints, say).
+    """
+    directory = Path(directory)
+    before = _file_stamps(directory, skip)
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error, directory):
+            raise
+        after = _file_stamps(directory, skip)
+        written = sorted(path for path, stamp in after.items() if before.get(path) != stamp)
+        for path in written:
+            path.unlink(missing_ok=True)
+        names = ", ".join(str(path.relative_to(directory)) for path in written) or "none"
+        raise DiskFullError(directory, f"{message} Files of this save removed: {names}.") from error

@@ -14,6 +14,7 @@ like a checkpoint that is not ours is left where it is, with a warning.
 import json
 import logging
 import re
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -127,3 +128,23 @@ def set_aside(path: Path, problem: str) -> None:
     target.parent.mkdir(exist_ok=True)
     path.rename(target)
     logger.warning("Moved incomplete checkpoint %s aside to %s: %s.", path, target, problem)
+
+
+def newest_complete(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or `None`; nothing is moved."""
+    return next((path for path in reversed(checkpoints(output_dir)) if checkpoint_problem(path) is None), None)
+
+
+def discard_failed_save(path: Path, created: bool) -> str:
+    """
+    Take the checkpoint `path` whose save just failed out of the way, and say how: removed when that save created it
+    (it holds only what the failed save wrote, and a full disk needs the space back), else moved aside as an incomplete
+    one.
+    """
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return "the partly written checkpoint was removed"
+    set_aside(path, "its save failed")
+    if path.exists():  # not ours: left where it is, as `set_aside` does with any such directory
+        return "the partly written checkpoint is incomplete and will not be resumed from"
+    return f"the partly written checkpoint was moved aside into {path.parent / INCOMPLETE_DIR}"

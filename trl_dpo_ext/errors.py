@@ -4,9 +4,9 @@
 
 Errors the user acts on from the message are the ones in `USER_ERRORS`: bad settings and data (`ValueError`, raised
 by the config dataclasses and the data loader with the field, file, line or row named), files and directories that
-cannot be read or written (`OSError`) and our own `UserError` (a run already holding the output directory, ...).
-Anything else is a bug: it keeps its traceback. `TRL_DPO_EXT_DEBUG=1` (or `trl-dpo-ext --debug COMMAND`) re-raises
-user errors too, with the traceback.
+cannot be read or written (`OSError`) and our own `UserError` (a run already holding the output directory, a write
+on a full disk: `DiskFullError`, ...). Anything else is a bug: it keeps its traceback. `TRL_DPO_EXT_DEBUG=1` (or
+`trl-dpo-ext --debug COMMAND`) re-raises user errors too, with the traceback.
 
 A run stopped by a preemption signal (SIGTERM, SIGUSR1, a first Ctrl-C) after writing a checkpoint ends with
 `EXIT_PREEMPTED` (75, `EX_TEMPFAIL` of `sysexits.h`: "try again later"): a scheduler or a wrapper script can tell it
@@ -27,6 +27,24 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written, run the same comma
 
 class UserError(Exception):
     """An error whose message says what to change; the command line prints it without a traceback."""
+
+
+class DiskFullError(UserError):
+    """
+    A write failed because its disk is full (`ENOSPC`, or `EDQUOT`: the user's quota). Raised where the package knows
+    what the write was, so the message names the path, says that the disk is full, what was left behind (nothing
+    half-written that a later run would take as complete) and what to do. A `UserError`: the command line prints it as
+    one `error:` line with status 2.
+
+    Args:
+        path (`str` or `os.PathLike`): the file or directory that could not be written.
+        message (`str`): what was being written, what is left, what to do; appended to the path and the reason.
+    """
+
+    def __init__(self, path: str | os.PathLike, message: str = ""):
+        self.path = os.fspath(path)
+        text = f"{self.path}: the disk is full (No space left on device)"
+        super().__init__(f"{text}{': ' if message else '.'}{message}")
 
 
 class Preempted(SystemExit):

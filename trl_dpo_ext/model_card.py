@@ -8,14 +8,14 @@ by [`trl_dpo_ext.saved_run`]).
 
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from accelerate.utils import is_peft_model
 from huggingface_hub import ModelCard
 from trl.trainer.utils import get_config_model_id
 
-from .atomic import atomic_write
+from .atomic import atomic_write, is_disk_full
+from .errors import DiskFullError
 from .models import base_model
 from .saved_run import TRAINING_CONFIG_FILE, save_training_config
 
@@ -46,23 +46,48 @@ _TRL_NO_HUB_MODEL = 'model="None"'
 def save_model_files(trainer, output_dir: str | Path, final: bool, dataset_name: str | None = None) -> None:
     """
     What [`trl_dpo_ext.DPOTrainer.save_model`] adds to a save, on the main process: `dpo_config.json` always, and for
-    a `final` save (not a checkpoint) the model card. TRL writes the card in `args.output_dir` (where `push_to_hub`
-    uploads from); a save elsewhere gets a copy, with the plot it shows.
+    a `final` save (not a checkpoint) the model card ([`save_model_card`]).
+    """
+    if not trainer.is_world_process_zero():
+        return
+    save_training_config(trainer, output_dir)
+    if final:  # checkpoints get TRL's card from `_save_checkpoint`, `push_to_hub` from `create_model_card`
+        save_model_card(trainer, output_dir, dataset_name)
+
+
+def save_model_card(trainer, output_dir: str | Path, dataset_name: str | None = None) -> None:
+    """
+    Write the model card of a final save, on the main process. TRL writes the card in `args.output_dir` (where
+    `push_to_hub` uploads from); a save elsewhere gets a copy, with the plot it shows.
+
+    Raises:
+        [`trl_dpo_ext.errors.DiskFullError`]: the disk filled up; no half-written card is left (TRL writes
+            `README.md` in place, so it is removed), and the adapter saved before it is complete.
     """
     if not trainer.is_world_process_zero():
         return
     output_dir = Path(output_dir)
-    save_training_config(trainer, output_dir)
-    if not final:  # checkpoints get TRL's card from `_save_checkpoint`, `push_to_hub` from `create_model_card`
-        return
     args = trainer.args
     model_name = args.hub_model_id.split("/")[-1] if args.hub_model_id else Path(args.output_dir).name
-    trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
     card_dir = Path(args.output_dir)
+    card = card_dir / "README.md"
+    message = (
+        "the model card was not written (no half-written card is left); the adapter saved beside it is complete. "
+        "Free space and save again to get the card."
+    )
+    try:
+        trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
+    except Exception as error:
+        if not is_disk_full(error, card):
+            raise
+        card.unlink(missing_ok=True)  # Why: TRL writes it in place: half of it, or TRL's card without ours
+        raise DiskFullError(card, message) from error
     if output_dir.resolve() != card_dir.resolve():
         for name in ("README.md", PLOT_FILE):
             if (card_dir / name).is_file():
-                shutil.copy2(card_dir / name, output_dir / name)
+                # Why: atomically, not `shutil.copy2`: a full disk must not leave half a copy.
+                with atomic_write(output_dir / name, "wb") as copy:
+                    copy.write((card_dir / name).read_bytes())
 
 
 def extend_model_card(trainer, card_dir: str | Path, dataset_name: str | None = None) -> Path:

@@ -48,6 +48,8 @@ TRANSFORMERS_TRAINER_METHODS = {
     "_prepare_inputs": ("self", "inputs"),
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
     "save_model": ("self", "output_dir", "_internal_call"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_get_output_dir": ("self", "trial"),
 }
 TRANSFORMERS_TRAINER_ATTRIBUTES = ("_signature_columns",)
 # `PretrainedConfig` attributes: the attention kernel.

@@ -15,19 +15,23 @@ TRL runs the loop, the data preparation, checkpointing and logging. This subclas
   (`refcache.py`) and the metric callbacks.
 """
 
+import contextlib
 import logging
 import warnings
+from pathlib import Path
 
 import torch
 import trl
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import get_config_model_id
 
-from .atomic import apply_umask_permissions
-from .checkpoints import resolve_resume
+from .atomic import apply_umask_permissions, is_disk_full, removed_on_full_disk
+from .checkpoints import INCOMPLETE_DIR, discard_failed_save, newest_complete, resolve_resume
 from .collator import INDEX_COLUMN, PreferenceCollator
 from .config import DPOConfig, extension_setting
+from .errors import DiskFullError
 from .launch import check_accelerator
 from .layout import choose_layout, layout_configs
 from .logps import NON_MODEL_KEYS, TokenLogps, completion_token_logps
@@ -40,7 +44,7 @@ from .metrics import (
     kl_terms,
     reward_metrics,
 )
-from .model_card import extend_model_card, save_model_files
+from .model_card import extend_model_card, save_model_card, save_model_files
 from .models import base_model, cast_adapter_weights, keep_fp32_cpu_kernels, safe_pad_id, upcast_adapter_weights
 from .nonfinite import NonFiniteGuard
 from .preemption import PreemptionCallback
@@ -51,6 +55,12 @@ from .saved_run import check_saved_adapter
 
 
 logger = logging.getLogger(__name__)
+
+
+def _not_saved_by_save_model(name: str) -> bool:
+    """Subdirectories of an output_dir that a final `save_model` never writes in: checkpoints, complete or not."""
+    return name == INCOMPLETE_DIR or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+
 
 # What TRL's own `_compute_loss` reads from a batch besides the model inputs.
 _STOCK_BATCH_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
@@ -345,16 +355,62 @@ class DPOTrainer(trl.DPOTrainer):
         Args:
             output_dir (`str`, *optional*): where to save; `args.output_dir` by default.
             dataset_name (`str`, *optional*): Hub id of the training data, for the model card's `datasets` field.
+
+        Raises:
+            [`trl_dpo_ext.errors.DiskFullError`]: the disk filled up; the files this save wrote are removed (a final
+                save), or the checkpoint is (see `_save_checkpoint`).
         """
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save and self._saves_adapter_weights():
-            # Why: a sharded save can write an empty or partial adapter without an error (FSDP1 with peft 0.21).
-            check_saved_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
-        save_model_files(self, output_dir or self.args.output_dir, final=not _internal_call, dataset_name=dataset_name)
+        target = output_dir or self.args.output_dir
+        final = not _internal_call and self.args.should_save
+        # Why: transformers and peft write the adapter in place; on a full disk a half-written adapter must not stay
+        # where `merge`, `score` or `from_pretrained` would load it.
+        guard = removed_on_full_disk(target, self._final_save_advice(), _not_saved_by_save_model) if final else None
+        with guard or contextlib.nullcontext():
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save and self._saves_adapter_weights():
+                # Why: a sharded save can write an empty or partial adapter without an error (FSDP1 with peft 0.21).
+                check_saved_adapter(self.accelerator.unwrap_model(self.model), target)
+            save_model_files(self, target, final=False)
+        if not _internal_call:
+            # Apart: a full disk at the card leaves the complete adapter saved above in place.
+            save_model_card(self, target, dataset_name=dataset_name)
         if self.is_world_process_zero():
             # Why: safetensors writes weights through a private (0600) temp file, whatever the umask; a checkpoint's
             # save comes through here too.
-            apply_umask_permissions(output_dir or self.args.output_dir)
+            apply_umask_permissions(target)
+
+    def _final_save_advice(self) -> str:
+        last = newest_complete(self.args.output_dir)
+        if last is None:
+            return "the final save did not finish, and there is no complete checkpoint to resume from."
+        return (
+            f"the final save did not finish. The newest complete checkpoint, {last}, is intact: free space and run "
+            "again with `--resume_from_checkpoint last` to save from there."
+        )
+
+    def _save_checkpoint(self, model, trial):
+        # Why: transformers writes a checkpoint in place, `trainer_state.json` last; on a full disk the half-written
+        # one is taken out of the way (it holds no `trainer_state.json`, so it would not be resumed anyway, but it
+        # holds the space) and the error names it and the newest complete one, which stays as it was.
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        created = not folder.exists()
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if not is_disk_full(error, folder):
+                raise
+            done = discard_failed_save(folder, created) if self.args.should_save else "it is incomplete"
+            failed = getattr(error, "path", None) or getattr(error, "filename", None)
+            last = newest_complete(run_dir)
+            advice = (
+                f"The newest complete checkpoint, {last}, is intact: free space and run the same command with "
+                "`--resume_from_checkpoint last` to continue from it."
+                if last is not None
+                else "There is no complete checkpoint: free space and start again."
+            )
+            at = f" ({failed})" if failed else ""
+            raise DiskFullError(folder, f"the checkpoint was not saved{at}; {done}. {advice}") from error
 
     def _saves_adapter_weights(self) -> bool:
         """Whether `save_model` writes the adapter file: for a PEFT model, except under FSDP with a sharded state dict
