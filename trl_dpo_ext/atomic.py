@@ -28,8 +28,8 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How libraries that do not raise an `OSError` report one: Rust's io::Error (safetensors, tokenizers) and the strerror.
 _DISK_FULL_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122")
 # torch's zip writer (`torch.save` to a path: transformers' optimizer, scheduler and RNG files) reports a failed write
-# without its cause, as a position mismatch; a disk left with no free space tells that cause.
-_UNEXPLAINED_WRITE_FAILURES = ("PytorchStreamWriter failed writing", "unexpected pos")
+# without its cause (C++ stream errors, a position mismatch); a disk left with no free space tells that cause.
+_UNEXPLAINED_WRITE_FAILURES = ("PytorchStreamWriter failed writing", "unexpected pos", "iostream error")
 NO_SPACE_LEFT = 1 << 20  # bytes: less than this free after a failed write counts as a full disk
 
 

@@ -58,8 +58,9 @@ logger = logging.getLogger(__name__)
 
 
 def _not_saved_by_save_model(name: str) -> bool:
-    """Subdirectories of an output_dir that a final `save_model` never writes in: checkpoints, complete or not."""
-    return name == INCOMPLETE_DIR or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+    """Subdirectories of an output_dir that a final `save_model` never writes in: checkpoints, complete or not, and
+    transformers' default logging dir (a tracker may append there meanwhile)."""
+    return name in (INCOMPLETE_DIR, "runs") or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
 
 
 # What TRL's own `_compute_loss` reads from a batch besides the model inputs.
