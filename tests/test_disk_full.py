@@ -334,10 +334,14 @@ def test_a_full_disk_at_the_reference_cache_leaves_no_file_a_run_would_read(tmp_
     disk = FullDisk(monkeypatch, tmp_path, ".ref_logps-*", nth=1)  # the temp file it is written through
     with pytest.raises(DiskFullError) as error:
         save_reference_cache(kept, {**key, "x": 2}, chosen, rejected)
-    assert str(error.value) == f"{kept}: {FULL}: {NOT_WRITTEN}"
+    not_written = (
+        "the reference cache was not written (no partial file is left). Free space there, or set ref_cache_dir to a "
+        "directory on another disk."
+    )
+    assert str(error.value) == f"{kept}: {FULL}: {not_written}"
     assert len(disk.failed) == 1 and load_reference_cache(kept, key) == (chosen, rejected)  # the old one, whole
     assert exit_status_of(save_reference_cache, fresh, key, chosen, rejected) == 2
-    assert one_error_line(capsys) == f"error: {fresh}: {FULL}: {NOT_WRITTEN}"
+    assert one_error_line(capsys) == f"error: {fresh}: {FULL}: {not_written}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]  # no temp file, nothing at `fresh`
     disk.free()
     assert load_reference_cache(fresh, key) is None  # a miss: the next run computes it

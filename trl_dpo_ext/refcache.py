@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
+from .errors import DiskFullError
 from .models import base_model
 from .paths import cache_dir
 
@@ -177,8 +178,16 @@ def save_reference_cache(path: Path, key: dict, chosen: list[list[float]], rejec
         tensors[name] = torch.tensor([v for answer in values for v in answer], dtype=torch.float32)
         tensors[f"{name}_offsets"] = torch.tensor(np.cumsum([0] + [len(a) for a in values]), dtype=torch.int64)
     metadata = {"key": json.dumps(key, sort_keys=True), "checksum": _checksum(tensors)}
-    with atomic_write(path, "wb") as handle:
-        handle.write(safetensors.torch.save(tensors, metadata=metadata))
+    try:
+        with atomic_write(path, "wb") as handle:
+            handle.write(safetensors.torch.save(tensors, metadata=metadata))
+    except DiskFullError as error:
+        # Why: the cache is not under output_dir (by default it is in the user's cache directory): say where it goes.
+        raise DiskFullError(
+            path,
+            "the reference cache was not written (no partial file is left). Free space there, or set ref_cache_dir "
+            "to a directory on another disk.",
+        ) from error
 
 
 def load_reference_cache(path: Path, key: dict) -> tuple[list[list[float]], list[list[float]]] | None:

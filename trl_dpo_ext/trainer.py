@@ -10,6 +10,8 @@ TRL runs the loop, the data preparation, checkpointing and logging. This subclas
 - `create_optimizer` / `training_step`: a step with a non-finite loss or gradient is skipped (`nonfinite.py`);
 - `train` / `_load_from_checkpoint`: resume only from a completely written checkpoint (`checkpoints.py`), in the
   dtypes the interrupted run trained in; on a stop signal, save a checkpoint and raise `Preempted` (`preemption.py`);
+- `save_model` / `_save_checkpoint`: on a full disk, no half-written adapter or checkpoint is left and the error
+  names it (`DiskFullError`);
 - `__init__` tail: one reference only — no redundant adapter copy (what the reference is: `reference.py`) — the
   layout (chosen by `layout.choose_layout`; reported from the collator that runs), the reference cache
   (`refcache.py`) and the metric callbacks.
@@ -391,8 +393,8 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         # Why: transformers writes a checkpoint in place, `trainer_state.json` last; on a full disk the half-written
-        # one is taken out of the way (it holds no `trainer_state.json`, so it would not be resumed anyway, but it
-        # holds the space) and the error names it and the newest complete one, which stays as it was.
+        # one (never complete: it lacks a whole `trainer_state.json`) is taken out of the way, giving its space back,
+        # and the error names it and the newest complete one, which stays as it was.
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         created = not folder.exists()
