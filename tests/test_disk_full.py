@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 from trl_dpo_ext import DPOConfig, DPOTrainer, cli, load_qlora_model
 from trl_dpo_ext.checkpoints import checkpoint_problem, resolve_resume
 from trl_dpo_ext.errors import DiskFullError, exit_status_of
+from trl_dpo_ext.logps import AnswerLogps
 from trl_dpo_ext.refcache import load_reference_cache, save_reference_cache
 
 
@@ -328,7 +329,8 @@ def test_a_full_disk_at_the_model_card_keeps_the_complete_adapter(failed_run, mo
 
 def test_a_full_disk_at_the_reference_cache_leaves_no_file_a_run_would_read(tmp_path, monkeypatch, capsys):
     key = {"num_rows": 2, "x": 1}
-    chosen, rejected = [[-1.5] * 300, [-3.0] * 200], [[-2.0] * 100, [-0.5] * 400]
+    chosen = AnswerLogps.from_lists([[-1.5] * 300, [-3.0] * 200])
+    rejected = AnswerLogps.from_lists([[-2.0] * 100, [-0.5] * 400])
     kept, fresh = tmp_path / "ref_logps-kept.safetensors", tmp_path / "ref_logps-fresh.safetensors"
     save_reference_cache(kept, key, chosen, rejected)
     disk = FullDisk(monkeypatch, tmp_path, ".ref_logps-*", nth=1)  # the temp file it is written through

@@ -567,7 +567,7 @@ def test_cached_reference_values_land_on_their_answer_tokens_in_every_layout(pai
     ]
     for layout in LAYOUTS.values():
         batch = PreferenceCollator(pad_token_id=0, **options, **layout)(rows)
-        assert cached_reference_logps(batch).answer_values() == values
+        assert cached_reference_logps(batch).answer_values().tolist() == values
         assert batch["ref_token_logps"].count_nonzero().item() == sum(map(len, values))
 
 

@@ -9,7 +9,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from trl_dpo_ext import PreferenceCollator
 from trl_dpo_ext import logps as logps_module
-from trl_dpo_ext.logps import completion_token_logps, head_statistics
+from trl_dpo_ext.logps import AnswerLogps, completion_token_logps, head_statistics
 
 
 def rows(tokenizer, pairs):
@@ -136,3 +136,17 @@ def test_accelerator_path_gives_what_the_cpu_head_gives(model, tokenizer, pairs,
     assert_within(cpu.entropy, fused.entropy, rtol * fused.entropy.abs(), "entropy")
     assert torch.equal(cpu.index, fused.index) and cpu.is_top1.dtype == fused.is_top1.dtype == torch.bool
     assert torch.equal(cpu.is_top1 & (cpu.index < 0), torch.zeros_like(cpu.is_top1))  # off the answers: False
+
+
+def test_answer_logps_hold_answers_flat_and_slice_concatenate_and_convert_exactly():
+    answers = [[-1.5, -0.25], [], [-3.0], [-2.0, -0.5, -0.125]]
+    flat = AnswerLogps.from_lists(answers)
+    assert flat.values.dtype == torch.float32 and flat.offsets.tolist() == [0, 2, 2, 3, 6]
+    assert len(flat) == 4 and flat.tolist() == answers  # float32-exact values
+    assert flat[1:3].tolist() == [[], [-3.0]] and flat[1:3].offsets.tolist() == [0, 0, 1]
+    assert AnswerLogps.cat([flat[:1], flat[1:3], flat[3:]]) == flat
+    assert flat != AnswerLogps.from_lists(answers[:3] + [[-2.0, -0.5, -0.25]])
+    # The Arrow column a dataset gets shares the tensors' buffer: no copy, no Python float per token.
+    column = flat.arrow()
+    assert column.to_pylist() == answers
+    assert column.values.buffers()[1].address == flat.values.data_ptr()

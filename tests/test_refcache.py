@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow as pa
 import pytest
 import torch
 from numerics import (
@@ -15,6 +16,7 @@ from numerics import (
 from peft import LoraConfig
 
 from trl_dpo_ext import DPOTrainer, refcache
+from trl_dpo_ext.logps import AnswerLogps
 from trl_dpo_ext.refcache import (
     CACHE_COLUMNS,
     cache_key,
@@ -51,7 +53,8 @@ def make_trainer(tokenizer, toy, dpo_args, load_4bit, tmp_path):
 
 def test_save_load_roundtrip_and_refusals(tmp_path):
     key = {"num_rows": 2, "x": 1}
-    chosen, rejected = [[-1.5, -0.25], [-3.0]], [[-2.0], [-0.5, -0.125, -7.0]]
+    chosen = AnswerLogps.from_lists([[-1.5, -0.25], [-3.0]])
+    rejected = AnswerLogps.from_lists([[-2.0], [-0.5, -0.125, -7.0]])
     path = tmp_path / "c.safetensors"
     save_reference_cache(path, key, chosen, rejected)
     assert load_reference_cache(path, key) == (chosen, rejected)  # exact: float32 values of these are exact
@@ -76,6 +79,9 @@ def test_cache_equals_on_the_fly_reference_and_is_reused(make_trainer, tmp_path,
     first = make_trainer(seed=0)
     files = list((tmp_path / "cache").glob("*.safetensors"))
     assert len(files) == 1
+    # Arrow float32 lists over the cached tensors (issue #28: no Python float per token), one row per pair.
+    column = first.train_dataset.data.column(CACHE_COLUMNS[0])
+    assert column.type == pa.large_list(pa.float32()) and len(column) == len(first.train_dataset)
     batch = first._prepare_inputs(next(iter(first.get_train_dataloader())))
     cached = first._reference_token_logps(batch).sequence_logps()
     without_cache = {k: v for k, v in batch.items() if k != "ref_token_logps"}

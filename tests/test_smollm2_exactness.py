@@ -265,9 +265,10 @@ def test_reference_cache_round_trip_is_exact(trainer, monkeypatch):
     key = cache_key(
         weights_fingerprint(weights, adapter), bare, reference=trainer.reference.label, attention="sdpa", **settings
     )
-    assert load_reference_cache(cache_path(trainer.args.ref_cache_dir, key), key) == cached
+    loaded = load_reference_cache(cache_path(trainer.args.ref_cache_dir, key), key)
+    assert tuple(answers.tolist() for answers in loaded) == cached
     # Recomputed by the same code path (same batches, same layout): bit for bit what was cached.
-    assert refcache.reference_answer_logps(trainer, bare, "train") == cached
+    assert refcache.reference_answer_logps(trainer, bare, "train") == loaded
     # Read back into a batch (the shared layout the cache was computed in), each token gets the value a reference
     # forward on that batch gives it.
     from_cache = trainer._reference_token_logps(collate(trainer, True, False, with_cache=True))

@@ -16,6 +16,7 @@ here, once (`completion_token_logps`):
 import contextlib
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 
 from .layout import additive_mask, block_attention_mask
@@ -89,14 +90,68 @@ class TokenLogps:
         """Answer lengths in tokens, shape `(2B,)`."""
         return self.per_sequence(self.mask)
 
-    def answer_values(self) -> list[list[float]]:
+    def answer_values(self) -> "AnswerLogps":
         """Per-token log-probs of each of the 2B answers, in token order (what the reference cache stores)."""
         selected = self.index >= 0
         flat_index = self.index[selected]
         order = torch.sort(flat_index, stable=True).indices  # row-major order within an answer is token order
         values = self.logps[selected][order].float().cpu()
-        counts = torch.bincount(flat_index, minlength=self.num_sequences).cpu().tolist()
-        return [chunk.tolist() for chunk in values.split(counts)]
+        counts = torch.bincount(flat_index, minlength=self.num_sequences).cpu()
+        return AnswerLogps(values, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+
+
+class AnswerLogps:
+    """
+    Per-token log-probs of N answers, stored flat: answer i is `values[offsets[i]:offsets[i + 1]]`.
+
+    What the reference cache holds for a whole dataset: one float32 per answer token and one int64 per answer, never
+    a Python float per token (~32 bytes each as a list; ~10⁸ of them for a real preference set).
+
+    Args:
+        values (`torch.Tensor`): float32, shape `(T,)`: every answer's tokens, answer after answer.
+        offsets (`torch.Tensor`): int64, shape `(N + 1,)`, starting at 0 and ending at T.
+    """
+
+    def __init__(self, values: torch.Tensor, offsets: torch.Tensor):
+        self.values = values.to(torch.float32)
+        self.offsets = offsets.to(torch.int64)
+
+    @classmethod
+    def from_lists(cls, answers: list[list[float]]) -> "AnswerLogps":
+        lengths = torch.tensor([len(answer) for answer in answers], dtype=torch.int64)
+        values = torch.tensor([v for answer in answers for v in answer], dtype=torch.float32)
+        return cls(values, torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+
+    @classmethod
+    def cat(cls, parts: list["AnswerLogps"]) -> "AnswerLogps":
+        """The answers of `parts`, in order."""
+        starts = torch.tensor([0] + [part.values.numel() for part in parts[:-1]], dtype=torch.int64).cumsum(0)
+        offsets = [torch.zeros(1, dtype=torch.int64)]
+        offsets += [part.offsets[1:] + start for part, start in zip(parts, starts)]
+        return cls(torch.cat([part.values for part in parts]), torch.cat(offsets))
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, answers: slice) -> "AnswerLogps":
+        """Answers `answers` (a slice with step 1), e.g. the chosen half of a batch's 2B."""
+        first, last, step = answers.indices(len(self))
+        if step != 1:
+            raise ValueError("AnswerLogps takes slices with step 1.")
+        offsets = self.offsets[first : max(first, last) + 1]
+        return AnswerLogps(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AnswerLogps):
+            return NotImplemented
+        return torch.equal(self.offsets, other.offsets) and torch.equal(self.values, other.values)
+
+    def tolist(self) -> list[list[float]]:
+        return [chunk.tolist() for chunk in self.values.split(self.offsets.diff().tolist())]
+
+    def arrow(self):
+        """The answers as an Arrow list column, sharing the tensors' memory: what `Dataset.add_column` takes."""
+        return pa.LargeListArray.from_arrays(pa.array(self.offsets.numpy()), pa.array(self.values.numpy()))
 
 
 def sequence_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, bool]:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .errors import DiskFullError
+from .logps import AnswerLogps
 from .models import base_model
 from .paths import cache_dir
 
@@ -97,11 +98,12 @@ def with_reference_cache(trainer, dataset: Dataset, name: str) -> Dataset:
         else:
             logger.info("Reference cache hit for the %s dataset: %s", name, path)
     chosen, rejected = cached
-    return dataset.add_column(CACHE_COLUMNS[0], chosen).add_column(CACHE_COLUMNS[1], rejected)
+    # Arrow columns over the tensors' memory: no Python float per token (the collator reads a batch's rows only).
+    return dataset.add_column(CACHE_COLUMNS[0], chosen.arrow()).add_column(CACHE_COLUMNS[1], rejected.arrow())
 
 
 @torch.no_grad()
-def reference_answer_logps(trainer, dataset: Dataset, name: str) -> tuple[list, list]:
+def reference_answer_logps(trainer, dataset: Dataset, name: str) -> tuple[AnswerLogps, AnswerLogps]:
     """
     The per-token reference log-probs of every chosen and every rejected answer of `dataset`, in row order: batches of
     `precompute_ref_batch_size` (else `per_device_train_batch_size`) rows collated by the trainer's collator, so the
@@ -114,14 +116,14 @@ def reference_answer_logps(trainer, dataset: Dataset, name: str) -> tuple[list, 
         collate_fn=trainer.data_collator,
         shuffle=False,
     )
-    chosen, rejected = [], []
+    chosen, rejected = [], []  # one AnswerLogps per batch
     description = f"Reference log-probs of the {name} dataset (computed once, then cached)"
     for batch in tqdm(loader, desc=description, disable=args.disable_tqdm):
         with trainer.accelerator.autocast():
             answers = trainer._reference_token_logps(trainer._prepare_inputs(batch)).answer_values()
-        chosen += answers[: len(answers) // 2]
-        rejected += answers[len(answers) // 2 :]
-    return chosen, rejected
+        chosen.append(answers[: len(answers) // 2])
+        rejected.append(answers[len(answers) // 2 :])
+    return AnswerLogps.cat(chosen), AnswerLogps.cat(rejected)
 
 
 def weights_fingerprint(model: torch.nn.Module, reference_adapter: str | None = None) -> dict:
@@ -171,12 +173,11 @@ def cache_path(root: str | Path, key: dict) -> Path:
     return Path(root) / f"ref_logps-{digest}.safetensors"
 
 
-def save_reference_cache(path: Path, key: dict, chosen: list[list[float]], rejected: list[list[float]]) -> None:
+def save_reference_cache(path: Path, key: dict, chosen: AnswerLogps, rejected: AnswerLogps) -> None:
     """Write per-token reference log-probs atomically, with the key and a checksum in the safetensors header."""
     tensors = {}
-    for name, values in (("chosen", chosen), ("rejected", rejected)):
-        tensors[name] = torch.tensor([v for answer in values for v in answer], dtype=torch.float32)
-        tensors[f"{name}_offsets"] = torch.tensor(np.cumsum([0] + [len(a) for a in values]), dtype=torch.int64)
+    for name, answers in (("chosen", chosen), ("rejected", rejected)):
+        tensors[name], tensors[f"{name}_offsets"] = answers.values, answers.offsets
     metadata = {"key": json.dumps(key, sort_keys=True), "checksum": _checksum(tensors)}
     try:
         with atomic_write(path, "wb") as handle:
@@ -190,7 +191,7 @@ def save_reference_cache(path: Path, key: dict, chosen: list[list[float]], rejec
         ) from error
 
 
-def load_reference_cache(path: Path, key: dict) -> tuple[list[list[float]], list[list[float]]] | None:
+def load_reference_cache(path: Path, key: dict) -> tuple[AnswerLogps, AnswerLogps] | None:
     """The cached (chosen, rejected) per-token log-probs, or None — with a warning if a file exists but is refused."""
     if not path.exists():
         return None
@@ -204,11 +205,12 @@ def load_reference_cache(path: Path, key: dict) -> tuple[list[list[float]], list
             raise ValueError("checksum mismatch")
         answers = []
         for name in ("chosen", "rejected"):
-            offsets = tensors[f"{name}_offsets"].tolist()
-            if len(offsets) != key["num_rows"] + 1 or offsets[-1] != tensors[name].numel():
+            offsets = tensors[f"{name}_offsets"]
+            if offsets.numel() != key["num_rows"] + 1 or offsets[0] != 0 or offsets[-1] != tensors[name].numel():
                 raise ValueError("its offsets do not match the dataset")
-            flat = tensors[name].tolist()
-            answers.append([flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+            if (offsets.diff() < 0).any():
+                raise ValueError("its offsets are not in order")
+            answers.append(AnswerLogps(tensors[name], offsets))
     except Exception as error:  # a truncated or corrupt file surfaces as any of several errors
         warnings.warn(f"Reference cache {path} refused ({error}); recomputing it.", stacklevel=2)
         return None
