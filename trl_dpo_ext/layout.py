@@ -239,6 +239,7 @@ def choose_layout(
     stock_loss: bool = False,
     precompute_ref_log_probs: bool = False,
     compute_metrics: bool = False,
+    vision_inputs: bool = False,
 ) -> Layout:
     """
     The layout that runs: the one asked for (`share_prompt`, `packing`), or the plain one, with the reasons, where the
@@ -253,6 +254,8 @@ def choose_layout(
         stock_loss (`bool`): TRL's own loss runs, which reads the plain layout.
         precompute_ref_log_probs (`bool`): TRL's precompute pass runs, in the plain layout.
         compute_metrics (`bool`): a `compute_metrics` function reads the plain layout's logits.
+        vision_inputs (`bool`): the rows hold images, which TRL's vision collator turns into model inputs beside the
+            token ids (`pixel_values`, `image_grid_thw`, `mm_token_type_ids`/`token_type_ids`, ...).
 
     Returns:
         [`Layout`]: its `reasons` are empty when the layout asked for runs.
@@ -265,6 +268,14 @@ def choose_layout(
         reasons.append("precompute_ref_log_probs runs TRL's plain-layout reference pass (use ref_cache instead)")
     if compute_metrics:
         reasons.append("compute_metrics needs the plain layout's logits")
+    if vision_inputs:
+        # The shared-prompt and packed rows carry token ids and positions only: an image's pixels, its place in
+        # multimodal RoPE (Qwen-VL's 3D positions) and its bidirectional attention (Gemma 3's token types) would be
+        # lost or misplaced, so the log-probs would not be the plain layout's. TRL's vision collator runs instead.
+        reasons.append(
+            "the rows hold images, whose inputs (pixel_values, image_grid_thw, token type ids) only TRL's vision "
+            "collator lays out"
+        )
     if any(config.is_prompt_learning for config in adapter_configs):
         reasons.append("prompt-learning adapters prepend virtual tokens")
     if not asked or not reasons:
