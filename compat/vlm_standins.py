@@ -166,7 +166,13 @@ def _qwen_processor():
 
 # Hub id → (model class, config builder, extra special tokens, image placeholder in the template, processor kind).
 VISION_MODELS = {
-    "tiny-LlavaForConditionalGeneration": ("LlavaForConditionalGeneration", _llava_config, ["<image>"], "<image>", "llava"),
+    "tiny-LlavaForConditionalGeneration": (
+        "LlavaForConditionalGeneration",
+        _llava_config,
+        ["<image>"],
+        "<image>",
+        "llava",
+    ),
     "tiny-LlavaNextForConditionalGeneration": (
         "LlavaNextForConditionalGeneration",
         _llava_next_config,

@@ -114,4 +114,6 @@ def test_a_trainer_with_ref_cache_on_images_stops_at_construction(vlm_dir, image
     model = get_peft_model(load_4bit(vlm_dir), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     args = DPOConfig(output_dir=str(tmp_path / "out"), **CPU_ARGS, max_length=None, ref_cache=True)
     with pytest.raises(ValueError, match="its key covers the token ids, not the pixels"):
-        DPOTrainer(model=model, args=args, train_dataset=images, processing_class=AutoProcessor.from_pretrained(vlm_dir))
+        DPOTrainer(
+            model=model, args=args, train_dataset=images, processing_class=AutoProcessor.from_pretrained(vlm_dir)
+        )
