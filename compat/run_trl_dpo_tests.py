@@ -93,7 +93,8 @@ def outcomes(report: Path) -> dict[str, tuple[str, str]]:
             element = case.find(tag)
             if element is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                message = (element.get("message") or element.text or "").strip().splitlines()[0][:300]
+                # Whitespace collapsed: some messages (an ImportError's) start with a line break.
+                message = " ".join((element.get("message") or element.text or "").split())[:300]
                 break
         results[test_id] = (outcome, message)
     return results

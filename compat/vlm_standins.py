@@ -122,9 +122,23 @@ def _qwen_vl_config(model_type: str):
             vision.update(embed_dim=16, mlp_ratio=2, spatial_merge_size=2, temporal_patch_size=2)
         elif model_type == "qwen2_5_vl":
             vision.update(out_hidden_size=16, spatial_merge_size=2, fullatt_block_indexes=[1], window_size=8)
-        else:  # qwen3_vl: deepstack layers feed the text model
+        elif model_type == "qwen3_vl":  # deepstack layers feed the text model
             vision.update(out_hidden_size=16, deepstack_visual_indexes=[0], num_position_embeddings=16)
+        else:  # qwen3_5, qwen3_5_moe: Qwen3-VL's tower, a text model of gated-delta-net and attention layers
+            vision.update(out_hidden_size=16, num_position_embeddings=16)
         text = dict(_TEXT, **ids, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 0]})
+        if model_type.startswith("qwen3_5"):
+            text.update(
+                layer_types=["linear_attention", "full_attention"],
+                linear_num_key_heads=2,
+                linear_num_value_heads=2,
+                linear_key_head_dim=4,
+                linear_value_head_dim=4,
+            )
+        if model_type == "qwen3_5_moe":
+            text.update(
+                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
+            )
         return AutoConfig.for_model(
             model_type,
             text_config=text,
@@ -208,16 +222,26 @@ VISION_MODELS = {
         QWEN_IMAGE,
         "qwen3_vl",
     ),
+    "tiny-Qwen3_5ForConditionalGeneration-NoThink": (
+        "Qwen3_5ForConditionalGeneration",
+        _qwen_vl_config("qwen3_5"),
+        QWEN_VISION_TOKENS,
+        QWEN_IMAGE,
+        "qwen3_vl",
+    ),
+    "tiny-Qwen3_5MoeForConditionalGeneration-3.6": (
+        "Qwen3_5MoeForConditionalGeneration",
+        _qwen_vl_config("qwen3_5_moe"),
+        QWEN_VISION_TOKENS,
+        QWEN_IMAGE,
+        "qwen3_vl",
+    ),
 }
 # Processor kinds whose transformers processor class needs torchvision (a video processor is one of its parts).
 NEEDS_TORCHVISION = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
-# Named by TRL's tests, not built: their processors need torchvision too, and their architectures (Qwen3.5's
-# gated-delta-net layers, Gemma 4's audio and video towers) could not be checked here without a processor.
-NOT_BUILT = {
-    "tiny-Qwen3_5ForConditionalGeneration-NoThink": "Qwen3VLProcessor needs torchvision",
-    "tiny-Qwen3_5MoeForConditionalGeneration-3.6": "Qwen3VLProcessor needs torchvision",
-    "tiny-Gemma4ForConditionalGeneration": "Gemma4Processor needs torchvision (video) and an audio feature extractor",
-}
+# Named by TRL's tests, not built: its processor needs torchvision (video) and an audio feature extractor, so no
+# processor of it can be made here to check a stand-in's vision and audio token counts against.
+NOT_BUILT = {"tiny-Gemma4ForConditionalGeneration": "Gemma4Processor needs torchvision and an audio feature extractor"}
 
 
 def torchvision_available() -> bool:
@@ -247,7 +271,7 @@ def build_vlm_tokenizer(special_tokens: list[str], placeholder: str):
 
 def build_processor(name: str):
     """The processor of stand-in `name` (a key of `VISION_MODELS`), built in memory."""
-    from transformers import Gemma3Processor, LlavaNextProcessor, LlavaProcessor, Qwen2_5_VLProcessor
+    from transformers import Gemma3Processor, LlavaNextProcessor, LlavaProcessor
 
     _, _, special, placeholder, kind = VISION_MODELS[name]
     tokenizer = build_vlm_tokenizer(special, placeholder)
@@ -264,10 +288,17 @@ def build_processor(name: str):
         )
     if kind == "gemma3":
         return Gemma3Processor(_siglip_processor(), tokenizer, chat_template=template, image_seq_length=4)
-    from transformers import Qwen2VLProcessor, Qwen3VLProcessor
+    import transformers
 
-    cls = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[kind]
-    return cls(image_processor=_qwen_processor(), tokenizer=tokenizer, chat_template=template)
+    cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[kind]
+    # Only with torchvision (see the module docstring); the tests send no video, so its sizes only mirror the images'.
+    video = "Qwen3VLVideoProcessor" if kind == "qwen3_vl" else "Qwen2VLVideoProcessor"
+    return getattr(transformers, cls)(
+        image_processor=_qwen_processor(),
+        tokenizer=tokenizer,
+        video_processor=getattr(transformers, video)(patch_size=PATCH, merge_size=2),
+        chat_template=template,
+    )
 
 
 def build_model(name: str, tokenizer, dtype=None):

@@ -34,6 +34,8 @@ pytest.importorskip("PIL")
 NAME = "tiny-LlavaForConditionalGeneration"
 # The language model's projections: the usual QLoRA target on a VLM (the vision tower stays frozen 4-bit).
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Two steps, no metrics plot (matplotlib's first figure costs more than the training here).
+ARGS = {**CPU_ARGS, "max_steps": 2, "max_length": None, "save_metrics_plot": False}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_a_4bit_vlm_trains_against_adapters_off_and_its_adapter_loads_back(vlm_d
     model = get_peft_model(load_4bit(vlm_dir), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     assert quantized_modules(model)  # the base is 4-bit, vision tower included
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    args = DPOConfig(output_dir=str(tmp_path / "out"), **{**CPU_ARGS, "max_steps": 2}, max_length=None)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), **ARGS)
     with caplog.at_level(logging.WARNING, logger="trl_dpo_ext.trainer"):
         trainer = DPOTrainer(
             model=model, args=args, train_dataset=images, processing_class=AutoProcessor.from_pretrained(vlm_dir)
@@ -112,7 +114,7 @@ def test_the_reference_cache_refuses_rows_with_images(images):
 
 def test_a_trainer_with_ref_cache_on_images_stops_at_construction(vlm_dir, images, tmp_path):
     model = get_peft_model(load_4bit(vlm_dir), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    args = DPOConfig(output_dir=str(tmp_path / "out"), **CPU_ARGS, max_length=None, ref_cache=True)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), **ARGS, ref_cache=True)
     with pytest.raises(ValueError, match="its key covers the token ids, not the pixels"):
         DPOTrainer(
             model=model, args=args, train_dataset=images, processing_class=AutoProcessor.from_pretrained(vlm_dir)

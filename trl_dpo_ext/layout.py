@@ -31,6 +31,9 @@ from .models import base_model
 TRUNK, CHOSEN, REJECTED = 0, 1, 2
 # Attention kernels that take an arbitrary dense 4D mask from transformers (flash-attention does not).
 MASKABLE_ATTENTION = ("sdpa", "eager")
+# Layer types (`config.layer_types`) whose only token mixing is attention under the mask: the MLP and MoE blocks of
+# hybrid models mix no tokens at all.
+MASKED_LAYER_TYPES = frozenset({"full_attention", "attention", "mlp", "moe"})
 
 
 def check_reference_length(num_values: int, num_tokens: int) -> None:
@@ -206,10 +209,17 @@ def unsupported_reasons(config) -> list[str]:
     attention = getattr(config, "_attn_implementation", None)
     if attention not in MASKABLE_ATTENTION:
         reasons.append(f"attn_implementation {attention!r} takes no custom 4D mask (use one of {MASKABLE_ATTENTION})")
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    # A vision-language model's config nests its language model's (layer types, sliding window) in a text config.
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = [*(getattr(text, "layer_types", None) or []), *(getattr(text, "layers_block_type", None) or [])]
+    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
     if sliding or "sliding_attention" in layer_types:
         reasons.append("the model uses sliding-window attention, which a dense 4D mask would override")
+    mixers = sorted(set(layer_types) - MASKED_LAYER_TYPES - {"sliding_attention"})
+    if mixers:
+        # A recurrent or convolutional layer carries a state along the row whatever the mask says: the rejected branch
+        # would read the chosen answer, and a packed sequence the one before it.
+        reasons.append(f"the model's {', '.join(mixers)} layers mix tokens without the attention mask")
     return reasons
 
 

@@ -72,6 +72,9 @@ def with_reference_cache(trainer, dataset: Dataset, name: str) -> Dataset:
             cache directory (`args.ref_cache_dir`).
         dataset (`datasets.Dataset`): tokenized preference rows, as the trainer prepares them.
         name (`str`): the dataset's name in messages (`"train"`, `"eval"`, ...).
+
+    Raises:
+        `ValueError`: the rows hold images (an `IMAGE_COLUMNS` column), or `dataset` is not map-style.
     """
     images = sorted(set(getattr(dataset, "column_names", None) or ()) & set(IMAGE_COLUMNS))
     if images:
