@@ -17,13 +17,15 @@ import pytest
 import torch
 from cpu_settings import CPU_ARGS
 from datasets import Dataset
-from numerics import fp32_4bit_kernels, zero_margin_loss
+from numerics import assert_effect, assert_within, fp32_4bit_kernels, sequence_logps_tol, zero_margin_loss
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from compat.standins import ORG
-from compat.vlm_standins import image_dataset_rows, save_vlm
+from compat.standins import ORG, dataset_rows
+from compat.vlm_standins import VISION_MODELS, build_model, build_vlm_tokenizer, image_dataset_rows, save_vlm
 from trl_dpo_ext import DPOConfig, DPOTrainer
+from trl_dpo_ext.collator import PreferenceCollator
+from trl_dpo_ext.logps import completion_token_logps
 from trl_dpo_ext.models import nf4_config, quantized_modules
 from trl_dpo_ext.refcache import with_reference_cache
 from trl_dpo_ext.reference import ADAPTERS_OFF
@@ -119,3 +121,49 @@ def test_a_trainer_with_ref_cache_on_images_stops_at_construction(vlm_dir, image
         DPOTrainer(
             model=model, args=args, train_dataset=images, processing_class=AutoProcessor.from_pretrained(vlm_dir)
         )
+
+
+def test_text_rows_on_a_multimodal_rope_model_share_the_prompt_with_the_plain_log_probs(tmp_path):
+    # Rows without images keep prompt sharing and packing on a VLM: Qwen2.5-VL's multimodal RoPE takes the 2D
+    # positions of these layouts as text positions (the same in all three axes), so every answer token sees the
+    # context and positions it has in the plain layout. (Its processor needs torchvision; its tokenizer does not.)
+    name = "tiny-Qwen2_5_VLForConditionalGeneration"
+    _, _, special, placeholder, _ = VISION_MODELS[name]
+    tokenizer = build_vlm_tokenizer(special, placeholder)
+    model = build_model(name, tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    model = type(model).from_pretrained(
+        tmp_path / "model", quantization_config=nf4_config(torch.float32), dtype=torch.float32
+    )
+    # A random adapter (B ≠ 0, scaled up for these tiny widths) added by the trainer: π ≠ π_ref = adapters off.
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=TARGETS, init_lora_weights=False)
+    rows = Dataset.from_list(dataset_rows(f"{ORG}/zen", "standard_preference")["train"][:4])
+    args = DPOConfig(output_dir=str(tmp_path / "out"), **ARGS, share_prompt=False)
+    trainer = DPOTrainer(
+        model=fp32_4bit_kernels(model), args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora
+    )
+    assert trainer.reference.label == ADAPTERS_OFF
+    examples = list(trainer.train_dataset)
+
+    def batch(share_prompt: bool, packing: bool) -> dict:
+        collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=share_prompt, packing=packing)
+        return collator([dict(row) for row in examples])
+
+    plain, config = batch(False, False), model.config.get_text_config()
+    with torch.no_grad():
+        for which, run in (
+            ("policy", lambda b: completion_token_logps(trainer.model, b)),
+            ("reference", trainer._reference_token_logps),
+        ):
+            want = run(plain)
+            for layout in ((True, False), (True, True)):
+                other = batch(*layout)
+                got = run(other)
+                seq_len = max(plain["input_ids"].size(1), other["input_ids"].size(1))
+                tol = sequence_logps_tol(want.sequence_logps(), want.lengths(), config, seq_len, lora_r=4)
+                assert_within(got.sequence_logps(), want.sequence_logps(), tol, f"{which}, {layout}")
+                assert torch.equal(got.lengths(), want.lengths())
+        policy = completion_token_logps(trainer.model, plain).sequence_logps()
+        reference = trainer._reference_token_logps(plain).sequence_logps()
+    # The adapter moves every answer's log-prob beyond the tolerance: both paths are exercised, and could fail.
+    assert_effect((policy - reference).abs(), tol, factor=2, what="policy vs reference")
