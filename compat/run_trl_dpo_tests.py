@@ -16,6 +16,7 @@ that passes with stock but not with ours, with the first line of its failure.
 """
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -105,6 +106,13 @@ def summarize(results: dict[str, dict[str, tuple[str, str]]], trl_checkout: Path
         ["git", "-C", str(trl_checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     lines = [f"TRL tests from {trl_checkout} (revision {revision or 'unknown'}), `-k '{DESELECT}'`", ""]
+    if importlib.util.find_spec("torchvision") is None:
+        lines += [
+            "torchvision is not installed: transformers builds no Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 or Gemma 4 "
+            "processor without it (their video processors need it), so the tests of those models fail with "
+            "ImportError (or find no stand-in, Gemma 4) for stock and ours alike.",
+            "",
+        ]
 
     def counts(result: dict[str, tuple[str, str]]) -> str:
         tally = {}
