@@ -6,7 +6,8 @@ transformers builds Qwen-VL processors only with torchvision, which this project
 
 Rows with images run TRL's vision collator (the processor per batch) and TRL's loss, in the plain layout: the
 shared-prompt and packed rows carry no pixel values or image positions (`layout.choose_layout`), and the reference
-cache, keyed by token ids, refuses rows whose pixels it does not cover.
+cache, keyed by token ids, refuses rows whose pixels it does not cover. Rows without images keep the shared prompt on
+a VLM, shown on Qwen2.5-VL, whose multimodal RoPE is where that could go wrong (its tokenizer needs no torchvision).
 """
 
 import logging
