@@ -95,7 +95,7 @@ def outcomes(report: Path) -> dict[str, tuple[str, str]]:
             if element is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 # Whitespace collapsed: some messages (an ImportError's) start with a line break.
-                message = " ".join((element.get("message") or element.text or "").split())[:300]
+                message = " ".join((element.get("message") or element.text or "").split())[:200]
                 break
         results[test_id] = (outcome, message)
     return results
