@@ -11,7 +11,7 @@ What differs from the Hub copies, and why it does not matter to a trainer test:
   tool calls, tool responses and `thinking` serves every model; the Hub copies carry each model's own tokenizer;
 - weights are random (so are the Hub's tiny models) and sizes are smaller;
 - the datasets hold a few rows of the same shape and formats as `trl-internal-testing/zen`, `toolcall`, `harmony`.
-Vision-language models and datasets have no stand-in: those tests are deselected by the runner.
+The vision-language models and the image datasets (`zen-image`, `zen-multi-image`) are in `vlm_standins.py`.
 """
 
 import json
@@ -194,6 +194,17 @@ def dataset_rows(path: str, name: str | None) -> dict[str, list[dict]] | None:
         return {"train": _toolcall_rows(_CITIES[:6]), "test": _toolcall_rows(_CITIES[6:])}
     if path == f"{ORG}/harmony" and name == "preference":
         return {"train": _harmony_rows(_ZEN_TRAIN), "test": _harmony_rows(_ZEN_TEST)}
+    if path in (f"{ORG}/zen-image", f"{ORG}/zen-multi-image"):
+        # Imported here: vlm_standins builds on this module (its tokenizer and rows).
+        if __package__:
+            from .vlm_standins import image_dataset_rows
+        else:
+            from vlm_standins import image_dataset_rows
+
+        rows = image_dataset_rows(path, name)
+        if rows is None:
+            raise ValueError(f"no stand-in for {path} config {name!r}")
+        return rows
     return None
 
 
@@ -301,4 +312,9 @@ def build_hub_cache(cache: Path) -> Path:
         staging.rename(snapshot)
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / "main").write_text(COMMIT)
-    return cache
+    if __package__:
+        from .vlm_standins import build_vision_cache
+    else:
+        from vlm_standins import build_vision_cache
+
+    return build_vision_cache(cache)

@@ -163,6 +163,27 @@ def test_choose_layout_runs_what_is_asked_where_nothing_stands_in_the_way(share_
         ([SDPA], [], {"stock_loss": True}, "stock TRL's loss reads the plain layout"),
         ([SDPA], [], {"precompute_ref_log_probs": True}, "use ref_cache instead"),
         ([SDPA], [], {"compute_metrics": True}, "compute_metrics needs the plain layout's logits"),
+        ([SDPA], [], {"vision_inputs": True}, "the rows hold images"),
+        # A hybrid model (NemotronH-like): Mamba layers carry a state across the row whatever the mask.
+        (
+            [SimpleNamespace(_attn_implementation="sdpa", layer_types=["linear_attention", "moe", "full_attention"])],
+            [],
+            {},
+            "linear_attention layers mix tokens without the attention mask",
+        ),
+        (
+            [SimpleNamespace(_attn_implementation="sdpa", layers_block_type=["conv", "attention"])],
+            [],
+            {},
+            "conv layers",
+        ),
+        # A VLM: the language model's sliding window sits in its text config.
+        (
+            [SimpleNamespace(_attn_implementation="sdpa", get_text_config=lambda: SimpleNamespace(sliding_window=8))],
+            [],
+            {},
+            "sliding-window",
+        ),
     ],
 )
 def test_choose_layout_falls_back_to_plain_with_the_reason(model_configs, adapter_configs, options, reason):

@@ -31,6 +31,9 @@ from .models import base_model
 TRUNK, CHOSEN, REJECTED = 0, 1, 2
 # Attention kernels that take an arbitrary dense 4D mask from transformers (flash-attention does not).
 MASKABLE_ATTENTION = ("sdpa", "eager")
+# Layer types (`config.layer_types`) whose only token mixing is attention under the mask: the MLP and MoE blocks of
+# hybrid models mix no tokens at all.
+MASKED_LAYER_TYPES = frozenset({"full_attention", "attention", "mlp", "moe"})
 
 
 def check_reference_length(num_values: int, num_tokens: int) -> None:
@@ -206,10 +209,17 @@ def unsupported_reasons(config) -> list[str]:
     attention = getattr(config, "_attn_implementation", None)
     if attention not in MASKABLE_ATTENTION:
         reasons.append(f"attn_implementation {attention!r} takes no custom 4D mask (use one of {MASKABLE_ATTENTION})")
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    # A vision-language model's config nests its language model's (layer types, sliding window) in a text config.
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = [*(getattr(text, "layer_types", None) or []), *(getattr(text, "layers_block_type", None) or [])]
+    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
     if sliding or "sliding_attention" in layer_types:
         reasons.append("the model uses sliding-window attention, which a dense 4D mask would override")
+    mixers = sorted(set(layer_types) - MASKED_LAYER_TYPES - {"sliding_attention"})
+    if mixers:
+        # A recurrent or convolutional layer carries a state along the row whatever the mask says: the rejected branch
+        # would read the chosen answer, and a packed sequence the one before it.
+        reasons.append(f"the model's {', '.join(mixers)} layers mix tokens without the attention mask")
     return reasons
 
 
@@ -239,6 +249,7 @@ def choose_layout(
     stock_loss: bool = False,
     precompute_ref_log_probs: bool = False,
     compute_metrics: bool = False,
+    vision_inputs: bool = False,
 ) -> Layout:
     """
     The layout that runs: the one asked for (`share_prompt`, `packing`), or the plain one, with the reasons, where the
@@ -253,6 +264,8 @@ def choose_layout(
         stock_loss (`bool`): TRL's own loss runs, which reads the plain layout.
         precompute_ref_log_probs (`bool`): TRL's precompute pass runs, in the plain layout.
         compute_metrics (`bool`): a `compute_metrics` function reads the plain layout's logits.
+        vision_inputs (`bool`): the rows hold images, which TRL's vision collator turns into model inputs beside the
+            token ids (`pixel_values`, `image_grid_thw`, `mm_token_type_ids`/`token_type_ids`, ...).
 
     Returns:
         [`Layout`]: its `reasons` are empty when the layout asked for runs.
@@ -265,6 +278,14 @@ def choose_layout(
         reasons.append("precompute_ref_log_probs runs TRL's plain-layout reference pass (use ref_cache instead)")
     if compute_metrics:
         reasons.append("compute_metrics needs the plain layout's logits")
+    if vision_inputs:
+        # The shared-prompt and packed rows carry token ids and positions only: an image's pixels, its place in
+        # multimodal RoPE (Qwen-VL's 3D positions) and its bidirectional attention (Gemma 3's token types) would be
+        # lost or misplaced, so the log-probs would not be the plain layout's. TRL's vision collator runs instead.
+        reasons.append(
+            "the rows hold images, whose inputs (pixel_values, image_grid_thw, token type ids) only TRL's vision "
+            "collator lays out"
+        )
     if any(config.is_prompt_learning for config in adapter_configs):
         reasons.append("prompt-learning adapters prepend virtual tokens")
     if not asked or not reasons:

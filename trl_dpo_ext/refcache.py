@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = "3"  # 2: a sequence's first token is never an answer token; 3: LM head on answer positions only
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 CACHE_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+# Columns of rows that hold images, raw (TRL's vision datasets) or processed.
+IMAGE_COLUMNS = ("image", "images", "pixel_values", "image_grid_thw")
 
 
 def reference_cache_usable(ld_alpha: float | None) -> bool:
@@ -72,7 +74,19 @@ def with_reference_cache(trainer, dataset: Dataset, name: str) -> Dataset:
             cache directory (`args.ref_cache_dir`).
         dataset (`datasets.Dataset`): tokenized preference rows, as the trainer prepares them.
         name (`str`): the dataset's name in messages (`"train"`, `"eval"`, ...).
+
+    Raises:
+        `ValueError`: the rows hold images (an `IMAGE_COLUMNS` column), or `dataset` is not map-style.
     """
+    images = sorted(set(getattr(dataset, "column_names", None) or ()) & set(IMAGE_COLUMNS))
+    if images:
+        # The key covers token ids, not pixels: two rows with the same text and different images would share
+        # reference values. TRL refuses its precompute for images the same way.
+        raise ValueError(
+            f"ref_cache cannot hold the reference of rows with images (the {name} dataset has the column(s) "
+            f"{images}): its key covers the token ids, not the pixels. Set ref_cache=False; the reference then runs "
+            "each step (adapters off on the same base)."
+        )
     if not isinstance(dataset, Dataset):
         raise ValueError(f"ref_cache needs a map-style datasets.Dataset; the {name} dataset is {type(dataset)}.")
     args = trainer.args

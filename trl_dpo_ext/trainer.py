@@ -112,8 +112,7 @@ class DPOTrainer(trl.DPOTrainer):
         self._stock_loss_reasons = self._reasons_for_stock_loss()
         if self._stock_loss_reasons:
             logger.warning("Using stock TRL's loss because %s.", "; ".join(self._stock_loss_reasons))
-        if not self._is_vision_dataset:
-            self.data_collator = self._layout_collator(args, data_collator)
+        self.data_collator = self._layout_collator(args, data_collator)
         # Decided once: a later train set (`set_train_dataset`) is cached, or not, like this one.
         self._uses_ref_cache = extension_setting(args, "ref_cache") and reference_cache_usable(self.ld_alpha)
         if self._uses_ref_cache:
@@ -163,8 +162,9 @@ class DPOTrainer(trl.DPOTrainer):
         """
         The collator that runs. Without one from the caller, ours is built with the layout the config asks for, or the
         plain one (with the logged reason) where the models or an option cannot take it; see
-        [`trl_dpo_ext.layout.choose_layout`]. A caller's collator runs as given, so the layout reported and keyed on
-        is its own; one that asks for a layout this trainer cannot run is refused.
+        [`trl_dpo_ext.layout.choose_layout`]. On rows with images that is TRL's vision collator, built by TRL's
+        constructor. A caller's collator runs as given, so the layout reported and keyed on is its own; one that asks
+        for a layout this trainer cannot run is refused.
         """
         if data_collator is not None:
             asked = [bool(getattr(data_collator, name, False)) for name in ("share_prompt", "packing")]
@@ -177,6 +177,7 @@ class DPOTrainer(trl.DPOTrainer):
             stock_loss=bool(self._stock_loss_reasons),
             precompute_ref_log_probs=args.precompute_ref_log_probs,
             compute_metrics=self.compute_metrics is not None,
+            vision_inputs=self._is_vision_dataset,
         )
         if data_collator is not None:
             if layout.reasons:
@@ -187,6 +188,8 @@ class DPOTrainer(trl.DPOTrainer):
             return data_collator
         if layout.reasons:
             logger.warning(layout.fallback_message())
+        if self._is_vision_dataset:
+            return self.data_collator  # TRL's DataCollatorForVisionPreference: the processor runs per batch
         return PreferenceCollator(
             pad_token_id=safe_pad_id(self._tokenizer, base_model(self.model)),
             max_length=args.max_length,
