@@ -9,7 +9,7 @@ what `tests/test_distributed.py` and `tests/test_sharded.py` check but the recip
 - After training, each process prints `distributed_probe: rank R holds {JSON}`: accelerate's distributed type, the
   FSDP version, and the parameter elements this rank holds against the model's, for the base's floating-point
   tensors (the 4-bit weights in their storage dtype, norms, embeddings) and for the adapter: a DTensor's local shard
-  under FSDP2, a parameter's partition (`ds_tensor`) under ZeRO-3, the whole tensor otherwise.
+  under FSDP2, a parameter's partition (`ds_tensor`) under ZeRO-3, the whole tensor otherwise; and their dtypes.
 - After the recipe's report, each process prints `distributed_probe: rank R report {JSON}`: the report the recipe
   returns (held-out accuracies and the per-pair margins after training), and the margins before training.
 
@@ -58,21 +58,23 @@ def let_the_cpu_run_fsdp() -> None:
 
 
 def held_elements(model) -> dict:
-    """Floating-point parameter elements this rank holds (`local`) and the model has (`full`), base and adapter."""
-    counts = {part: {"local": 0, "full": 0} for part in ("base", "adapter")}
+    """Floating-point parameter elements this rank holds (`local`) and the model has (`full`), and the dtypes it holds
+    them in (the stored masters, not a compute cast), for the base and the adapter."""
+    counts = {part: {"local": 0, "full": 0, "dtypes": set()} for part in ("base", "adapter")}
     for name, parameter in model.named_parameters():
         if not parameter.is_floating_point():
             continue
         if hasattr(parameter, "ds_tensor"):  # ZeRO-3: this rank's partition; the parameter's own data is gathered
-            local, full = parameter.ds_tensor.numel(), parameter.ds_numel
+            held, full = parameter.ds_tensor, parameter.ds_numel
         elif hasattr(parameter, "to_local"):  # FSDP2: a DTensor
-            local, full = parameter.to_local().numel(), parameter.numel()
+            held, full = parameter.to_local(), parameter.numel()
         else:
-            local = full = parameter.numel()
+            held, full = parameter, parameter.numel()
         part = counts["adapter" if "lora_" in name else "base"]
-        part["local"] += local
+        part["local"] += held.numel()
         part["full"] += full
-    return counts
+        part["dtypes"].add(str(held.dtype))
+    return {name: {**part, "dtypes": sorted(part["dtypes"])} for name, part in counts.items()}
 
 
 def report_from_the_recipe() -> None:

@@ -130,6 +130,10 @@ def test_accelerate_set_up_the_engine_asked_for_and_each_rank_holds_half_the_mod
         # embeddings) and half of the adapter.
         for part in ("base", "adapter"):
             assert 2 * rank[part]["local"] == rank[part]["full"] > 0, (part, rank)
+        # The adapter's masters stay fp32 (adapter_dtype's default) in their shards; the base is its bf16 storage
+        # (4-bit codes) and the fp32 compute dtype (norms, embeddings, on the CPU).
+        assert rank["adapter"]["dtypes"] == ["torch.float32"]
+        assert rank["base"]["dtypes"] == ["torch.bfloat16", "torch.float32"]
     # DDP, for contrast: every rank holds the whole model.
     for rank in ddp_runs["two"].probe("holds").values():
         assert rank["type"] == "DistributedType.MULTI_CPU" and rank["fsdp_version"] is None
