@@ -139,6 +139,8 @@ def test_accelerate_set_up_the_engine_asked_for_and_each_rank_holds_half_the_mod
         assert rank["type"] == "DistributedType.MULTI_CPU" and rank["fsdp_version"] is None
         for part in ("base", "adapter"):
             assert rank[part]["local"] == rank[part]["full"] > 0
+        # uint8 storage (the recipe's default): the 4-bit codes are not floating-point, only the fp32 tensors count.
+        assert rank["adapter"]["dtypes"] == rank["base"]["dtypes"] == ["torch.float32"]
     assert held[0]["adapter"]["full"] == ddp_runs["two"].probe("holds")[0]["adapter"]["full"]
 
 
