@@ -67,9 +67,9 @@ ENGINES = {
         "env": {"DS_ACCELERATOR": "cpu"},
     },
 }
-# Both engines shard floating-point tensors: the 4-bit weights must be stored as bf16. A checkpoint every step.
 # Engines whose runs equal DDP's bitwise (the module docstring).
 EXACT = {"fsdp2"}
+# Both engines shard floating-point tensors: the 4-bit weights must be stored as bf16. A checkpoint every step.
 SHARDED = ("--bnb_4bit_quant_storage", "bfloat16", "--save_strategy", "steps", "--save_steps", "1")
 
 
