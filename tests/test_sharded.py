@@ -17,10 +17,11 @@ order (compared to fp32 summation rounding). A resumed run equals the uninterrup
 for both engines: same code, same values.
 
 ZeRO-3 does not equal DDP bitwise (measured: the adapter's lora_B entries differ by up to 4 units in the last place,
-2.9e-11 on entries of ~1e-4; the source is not pinned down: DeepSpeed reduces and steps on flattened fp32
-partitions of the gradients, with its own ops), so its comparisons with DDP take fp32 tolerances: the adapter to a gradient's rounding (tests/numerics.py
-`backward_rtol`) of the updates each tensor received, the losses to `loss_tol` (as DDP against one process), the
-other metrics and the held-out margins to the 1e-5 that tests/test_distributed.py uses between DDP and one process.
+2.9e-11 on entries of ~1e-4; the source is not pinned down: DeepSpeed reduces and steps on flattened fp32 partitions of
+the gradients, with its own ops), so its comparisons with DDP take fp32 tolerances: the adapter to a gradient's
+rounding (tests/numerics.py `backward_rtol`) of the updates each tensor received, the losses to `loss_tol` (as DDP
+against one process), the other metrics and the held-out margins to the 1e-5 that tests/test_distributed.py uses
+between DDP and one process.
 
 FSDP2 runs in CI. ZeRO-3 needs `pip install deepspeed`, which CI does not install (its build and first JIT compile
 take ~4 min of a 30-min CI budget): its tests skip without it. Run them with
