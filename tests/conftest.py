@@ -85,3 +85,12 @@ def dpo_args(tmp_path):
         return DPOConfig(**kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory):
+    """The recipe as DDP on 2 CPU processes and as 1 process (`tests/launches.py`): launched once per session, for
+    test_distributed.py and test_sharded.py, which compares FSDP2 and ZeRO-3 with the same DDP run."""
+    from launches import ddp_runs
+
+    return ddp_runs(tmp_path_factory)

@@ -4,11 +4,14 @@
 `trainer_state.json` last. A process killed in between (an OOM kill, a preemption) leaves a `checkpoint-N` directory
 that looks like the newest one but lacks files or holds a truncated `trainer_state.json`; resuming from it fails, or
 worse, continues from a mix of two steps. A checkpoint is complete when its `trainer_state.json` parses and records
-step N. Resuming picks the newest complete checkpoint; incomplete ones newer than it are re-written when training
-reaches their step again, so they are moved out of the way, never deleted: ours (they hold `dpo_config.json`, which
-every save of ours writes right after the weights) into `output_dir/_incomplete/checkpoint-N-TIME`, a name the
-Trainer's checkpoint rotation (`checkpoint-*`) and `push_to_hub` (which skips `_*`) never touch; a directory named
-like a checkpoint that is not ours is left where it is, with a warning.
+step N. Sharded checkpoints are accepted by the same test: FSDP2's per-rank shards (`pytorch_model_fsdp_0/`,
+`optimizer_0/`, saved collectively by torch.distributed.checkpoint) and DeepSpeed's partitions (`global_stepN/`) are
+saved by every rank before rank 0 writes `trainer_state.json` (tests/test_sharded.py resumes from them). Resuming picks
+the newest complete checkpoint; incomplete ones newer than it are re-written when training reaches their step again, so
+they are moved out of the way, never deleted: ours (they hold `dpo_config.json`, which every save of ours writes right
+after the weights) into `output_dir/_incomplete/checkpoint-N-TIME`, a name the Trainer's checkpoint rotation
+(`checkpoint-*`) and `push_to_hub` (which skips `_*`) never touch; a directory named like a checkpoint that is not ours
+is left where it is, with a warning.
 """
 
 import json
