@@ -25,9 +25,9 @@ from pathlib import Path
 
 
 if __package__:  # imported as `compat.vlm_standins` (our tests) or beside `standins` (the runner's work directory)
-    from .standins import _ZEN_TEST, _ZEN_TRAIN, COMMIT, ORG, build_tokenizer
+    from .standins import _ZEN_TEST, _ZEN_TRAIN, COMMIT, COMMON_CONFIG, ORG, build_tokenizer
 else:
-    from standins import _ZEN_TEST, _ZEN_TRAIN, COMMIT, ORG, build_tokenizer
+    from standins import _ZEN_TEST, _ZEN_TRAIN, COMMIT, COMMON_CONFIG, ORG, build_tokenizer
 
 
 PATCH = 4  # every vision tower: 4×4-pixel patches
@@ -50,15 +50,7 @@ _VLM_TEMPLATE = (
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
-_TEXT = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=4,
-    max_position_embeddings=1024,
-)
+_TEXT = COMMON_CONFIG  # the text stand-ins' sizes: the language model of every VLM stand-in
 # A 2-layer tower: LLaVA reads layer -2, which leaves the last layer and post_layernorm unused by design (the
 # test asserts exactly that).
 _CLIP = dict(
