@@ -145,6 +145,7 @@ def test_answer_logps_hold_answers_flat_and_slice_concatenate_and_convert_exactl
     assert len(flat) == 4 and flat.tolist() == answers  # float32-exact values
     assert flat[1:3].tolist() == [[], [-3.0]] and flat[1:3].offsets.tolist() == [0, 0, 1]
     assert AnswerLogps.cat([flat[:1], flat[1:3], flat[3:]]) == flat
+    assert AnswerLogps.cat([]) == AnswerLogps.from_lists([]) and AnswerLogps.cat([]).tolist() == []
     assert flat != AnswerLogps.from_lists(answers[:3] + [[-2.0, -0.5, -0.25]])
     # The Arrow column a dataset gets shares the tensors' buffer: no copy, no Python float per token.
     column = flat.arrow()

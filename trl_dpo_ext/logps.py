@@ -124,7 +124,9 @@ class AnswerLogps:
 
     @classmethod
     def cat(cls, parts: list["AnswerLogps"]) -> "AnswerLogps":
-        """The answers of `parts`, in order."""
+        """The answers of `parts`, in order (none for no parts: a dataset of no rows)."""
+        if not parts:
+            return cls(torch.zeros(0), torch.zeros(1, dtype=torch.int64))
         starts = torch.tensor([0] + [part.values.numel() for part in parts[:-1]], dtype=torch.int64).cumsum(0)
         offsets = [torch.zeros(1, dtype=torch.int64)]
         offsets += [part.offsets[1:] + start for part, start in zip(parts, starts)]
