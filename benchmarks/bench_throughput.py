@@ -120,17 +120,23 @@ class StepTimer:
 
 
 class PeakRSS:
-    """Peak resident memory of this process while training, sampled every 2 ms (CPU has no allocator peak counter)."""
+    """
+    Peak resident memory of this process while training, sampled every 2 ms (CPU has no allocator peak counter):
+    `peak`, all of it, and `peak_anon`, less the file-backed pages (Linux: memory-mapped Arrow files and libraries,
+    page cache the kernel can take back) — the memory the run itself holds.
+    """
 
     def __init__(self):
         import psutil
 
-        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.process, self.peak, self.peak_anon, self.running = psutil.Process(), 0, 0, True
         self.thread = threading.Thread(target=self.sample, daemon=True)
 
     def sample(self):
         while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            memory = self.process.memory_info()
+            self.peak = max(self.peak, memory.rss)
+            self.peak_anon = max(self.peak_anon, memory.rss - getattr(memory, "shared", 0))
             time.sleep(0.002)
 
     def __enter__(self):

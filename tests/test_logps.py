@@ -9,7 +9,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from trl_dpo_ext import PreferenceCollator
 from trl_dpo_ext import logps as logps_module
-from trl_dpo_ext.logps import AnswerLogps, completion_token_logps, head_statistics
+from trl_dpo_ext.logps import AnswerLogps, AnswerLogpsBuffer, completion_token_logps, head_statistics
 
 
 def rows(tokenizer, pairs):
@@ -138,16 +138,33 @@ def test_accelerator_path_gives_what_the_cpu_head_gives(model, tokenizer, pairs,
     assert torch.equal(cpu.is_top1 & (cpu.index < 0), torch.zeros_like(cpu.is_top1))  # off the answers: False
 
 
-def test_answer_logps_hold_answers_flat_and_slice_concatenate_and_convert_exactly():
+def test_answer_logps_hold_answers_flat_and_slice_and_convert_exactly():
     answers = [[-1.5, -0.25], [], [-3.0], [-2.0, -0.5, -0.125]]
     flat = AnswerLogps.from_lists(answers)
     assert flat.values.dtype == torch.float32 and flat.offsets.tolist() == [0, 2, 2, 3, 6]
     assert len(flat) == 4 and flat.tolist() == answers  # float32-exact values
     assert flat[1:3].tolist() == [[], [-3.0]] and flat[1:3].offsets.tolist() == [0, 0, 1]
-    assert AnswerLogps.cat([flat[:1], flat[1:3], flat[3:]]) == flat
-    assert AnswerLogps.cat([]) == AnswerLogps.from_lists([]) and AnswerLogps.cat([]).tolist() == []
     assert flat != AnswerLogps.from_lists(answers[:3] + [[-2.0, -0.5, -0.25]])
     # The Arrow column a dataset gets shares the tensors' buffer: no copy, no Python float per token.
     column = flat.arrow()
     assert column.to_pylist() == answers
     assert column.values.buffers()[1].address == flat.values.data_ptr()
+
+
+def test_answer_logps_buffer_fills_one_allocation_batch_by_batch_and_refuses_more_than_it_holds():
+    flat = AnswerLogps.from_lists([[-1.5, -0.25], [], [-3.0], [-2.0, -0.5, -0.125]])
+    buffer = AnswerLogpsBuffer(num_answers=4, max_tokens=8)  # a bound above the 6 tokens (truncated answers)
+    storage = buffer.values.data_ptr()
+    for part in (flat[:1], flat[1:3], flat[3:]):
+        buffer.append(part)
+    assert buffer.answers() == flat and buffer.answers().values.data_ptr() == storage  # no copy at the end
+    empty = AnswerLogpsBuffer(num_answers=0, max_tokens=0)
+    assert empty.answers() == AnswerLogps.from_lists([]) and empty.answers().tolist() == []
+    with pytest.raises(ValueError, match="4 answers of 6 tokens appended to a buffer for 3 answers"):
+        AnswerLogpsBuffer(num_answers=3, max_tokens=8).append(flat)
+    with pytest.raises(ValueError, match="for 4 answers of at most 5 tokens"):
+        AnswerLogpsBuffer(num_answers=4, max_tokens=5).append(flat)
+    with pytest.raises(ValueError, match="1 answers appended to a buffer for 4"):
+        partial = AnswerLogpsBuffer(num_answers=4, max_tokens=8)
+        partial.append(flat[:1])
+        partial.answers()

@@ -27,7 +27,7 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
+import pyarrow.compute as pc
 import safetensors
 import safetensors.torch
 import torch
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .errors import DiskFullError
-from .logps import AnswerLogps
+from .logps import AnswerLogps, AnswerLogpsBuffer
 from .models import base_model
 from .paths import cache_dir
 
@@ -130,14 +130,15 @@ def reference_answer_logps(trainer, dataset: Dataset, name: str) -> tuple[Answer
         collate_fn=trainer.data_collator,
         shuffle=False,
     )
-    chosen, rejected = [], []  # one AnswerLogps per batch
+    # Truncation only shortens answers: their tokenized lengths bound what the layout scores.
+    chosen, rejected = (AnswerLogpsBuffer(len(dataset), tokens(dataset, column)) for column in TOKEN_COLUMNS[1:])
     description = f"Reference log-probs of the {name} dataset (computed once, then cached)"
     for batch in tqdm(loader, desc=description, disable=args.disable_tqdm):
         with trainer.accelerator.autocast():
             answers = trainer._reference_token_logps(trainer._prepare_inputs(batch)).answer_values()
         chosen.append(answers[: len(answers) // 2])
         rejected.append(answers[len(answers) // 2 :])
-    return AnswerLogps.cat(chosen), AnswerLogps.cat(rejected)
+    return chosen.answers(), rejected.answers()
 
 
 def weights_fingerprint(model: torch.nn.Module, reference_adapter: str | None = None) -> dict:
@@ -162,12 +163,19 @@ def weights_fingerprint(model: torch.nn.Module, reference_adapter: str | None = 
 def tokens_fingerprint(dataset: Dataset) -> str:
     """Hash of the token ids of every row, in order: tokenizer, chat template, contents and order of the data."""
     digest = hashlib.blake2b(digest_size=16)
-    for batch in dataset.select_columns(list(TOKEN_COLUMNS)).iter(batch_size=4096):
+    # Arrow batches, not Python lists: no Python int per token (~10⁸ of them for a real preference set).
+    for batch in dataset.select_columns(list(TOKEN_COLUMNS)).with_format("arrow").iter(batch_size=4096):
         for column in TOKEN_COLUMNS:
-            for ids in batch[column]:
-                digest.update(np.asarray(ids, dtype=np.int64).tobytes())
-                digest.update(b"|")
+            ids = batch[column]  # the row lengths and the ids, together: each row's list
+            digest.update(pc.list_value_length(ids).cast("int64").to_numpy(zero_copy_only=False).tobytes())
+            digest.update(pc.list_flatten(ids).cast("int64").to_numpy(zero_copy_only=False).tobytes())
     return digest.hexdigest()
+
+
+def tokens(dataset: Dataset, column: str) -> int:
+    """The number of token ids in a column of token-id lists over the rows `dataset` selects, read in Arrow batches."""
+    batches = dataset.select_columns([column]).with_format("arrow").iter(batch_size=4096)
+    return sum(pc.sum(pc.list_value_length(batch[column])).as_py() or 0 for batch in batches)
 
 
 def cache_key(weights: dict, dataset: Dataset, **settings) -> dict:
