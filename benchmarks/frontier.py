@@ -3,11 +3,13 @@
     python -m benchmarks.frontier --jobs 2                  # full mode, seeds 0 1 2: benchmarks/results/frontier/
     python -m benchmarks.frontier --real_model --seeds 0 --threads 2   # SmolLM2-135M-Instruct as π_ref, reduced
     python -m benchmarks.frontier --quick --out /tmp/frontier   # a small smoke run of the same pipeline (CI)
+    python -m benchmarks.frontier --task movies --jobs 2   # real parts: SmolLM2, movie-review prefixes, VADER (#31)
 
 Pipeline, top to bottom:
 1. a synthetic review corpus (`frontier_task.py`) → a locally trained BPE tokenizer and a tiny Llama trained on it
    from scratch with TRL's `SFTTrainer`: the SFT model. Loaded in 4-bit NF4, it is π_ref for every method
-   (`--real_model`: SmolLM2-135M-Instruct, continuing the same review prefixes as plain text, is π_ref instead);
+   (`--real_model`: SmolLM2-135M-Instruct, continuing the same review prefixes as plain text, is π_ref instead;
+   `--task movies`: SmolLM2-135M-Instruct continues movie-review prefixes and VADER scores them, `frontier_movies.py`);
 2. k completions per training prompt sampled from π_ref, best and worst by the ground-truth sentiment reward
    (`trl_dpo_ext.build_preference_pairs`);
 3. methods, each at several settings, each training LoRA on the same 4-bit base: `trl_dpo_ext.DPOTrainer` (several
@@ -53,8 +55,8 @@ from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase, TrainerCallback, set_seed  # noqa: E402
 
+from benchmarks import frontier_movies, frontier_task  # noqa: E402
 from benchmarks.frontier_report import aggregate_seeds, environment, mean, sem, write_outputs  # noqa: E402
-from benchmarks.frontier_task import make_corpus, make_prompts, sentiment_reward  # noqa: E402
 from benchmarks.results_io import command, write_json  # noqa: E402
 from trl_dpo_ext import DPOConfig, DPOTrainer, build_preference_pairs, load_qlora_model  # noqa: E402
 from trl_dpo_ext.iterative import IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
@@ -65,6 +67,10 @@ from trl_dpo_ext.tiny_model import build_tokenizer, tiny_llama_config  # noqa: E
 
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "frontier"
+# A task is its prompts and its ground-truth reward: `split_prompts(n_train, n_heldout, seed)` and
+# `sentiment_reward(prompt, completion)`.
+# "products": the toy grammar and its 20-word lexicon; "movies": movie-review prefixes scored by VADER.
+TASKS = {"products": frontier_task, "movies": frontier_movies}
 
 
 @dataclass
@@ -87,6 +93,7 @@ class Settings:
     bok_ks: tuple[int, ...] = (2, 4, 8, 16)  # best-of-k
     bok_samples: int = 32  # samples per held-out prompt from π_ref, from which every best-of-k reward is estimated
     model: str = "tiny"  # "tiny": the SFT model trained here; "smollm2": SmolLM2-135M-Instruct
+    task: str = "products"  # prompts and reward: `TASKS`
     k: int = 4  # completions per prompt: the pairs' candidates and RLOO's group size
     max_new_tokens: int = 24
     dpo_learning_rate: float = 5e-3  # the DPO recipe's rate for the tiny model
@@ -158,6 +165,48 @@ SMOLLM2 = Settings(
     batch_size=8,
 )
 
+# The paper's experiment with real parts (`--task movies`, issue #31): SmolLM2-135M-Instruct as π_ref (4-bit NF4 +
+# LoRA, as the recipes run it), movie-review prefixes, VADER's sentiment as the reward (`frontier_movies.py`). Sized
+# for about 2 hours on a 2-core CPU, 3 seeds two at a time (one thread each): see docs/frontier.md for the pilot that
+# set the sizes and learning rates.
+MOVIES = Settings(
+    corpus_size=0,
+    sft_epochs=0,
+    train_prompts=384,
+    heldout_prompts=48,
+    eval_samples=4,
+    dpo_betas=(0.05, 0.1, 0.3),
+    dpo_epochs=1,
+    rloo_betas=(0.03, 0.1),
+    rloo_epochs=0.5,
+    pft_learning_rates=(),
+    pft_epochs=0,
+    iterative_betas=(0.1,),
+    iterative_rounds=2,
+    bok_ks=(2, 4, 8, 16),
+    bok_samples=16,
+    model="smollm2",
+    task="movies",
+    dpo_learning_rate=1e-3,
+    rloo_learning_rate=1e-3,
+    batch_size=8,
+)
+# Its CI form (tests/test_frontier.py): every method's pipeline on SmolLM2 and VADER, a few steps each.
+MOVIES_QUICK = replace(
+    MOVIES,
+    train_prompts=16,
+    heldout_prompts=2,
+    eval_samples=2,
+    dpo_betas=(0.1,),
+    rloo_betas=(0.1,),
+    rloo_epochs=0.5,
+    iterative_betas=(0.1,),
+    bok_ks=(2,),
+    bok_samples=2,
+    max_new_tokens=12,
+    batch_size=4,
+)
+
 
 def common_args(output_dir: Path, s: Settings, learning_rate: float) -> dict:
     """TrainingArguments shared by every trainer here: CPU-safe (no bf16, no checkpointing), quiet, seeded."""
@@ -211,16 +260,18 @@ def load_policy(sft_path: Path, s: Settings) -> PeftModel:
     return load_qlora_model(str(sft_path), lora, compute_dtype="float32")
 
 
-def counting_reward(tokenizer: PreTrainedTokenizerBase, counter: dict[str, int]) -> Callable[..., list[float]]:
+def counting_reward(
+    reward: Callable[[str, str], float], tokenizer: PreTrainedTokenizerBase, counter: dict[str, int]
+) -> Callable[..., list[float]]:
     """
-    The ground-truth reward as both the pair builder (`reward_fn(prompts, completions)`) and TRL's RLOO (keyword
-    arguments) call it; it adds the number of tokens of the sampled completions (re-tokenized text, stop token not
-    counted) to `counter["tokens"]`, so both methods' generation is counted the same way.
+    The ground-truth `reward(prompt, completion)` as both the pair builder (`reward_fn(prompts, completions)`) and
+    TRL's RLOO (keyword arguments) call it; it adds the number of tokens of the sampled completions (re-tokenized text,
+    stop token not counted) to `counter["tokens"]`, so both methods' generation is counted the same way.
     """
 
     def sentiment(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
         counter["tokens"] += sum(map(len, tokenizer(completions, add_special_tokens=False).input_ids))
-        return [sentiment_reward(p, c) for p, c in zip(prompts, completions)]
+        return [reward(p, c) for p, c in zip(prompts, completions)]
 
     return sentiment
 
@@ -273,7 +324,8 @@ def evaluate(model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompts: list
             reference = completion_logps(model, out, attention, position_ids, width)
         kls += ((policy - reference) * completion_mask).sum(1).tolist()
         texts = tokenizer.batch_decode(completion.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
-        rewards += [sentiment_reward(p, c) for p, c in zip([p for p in chunk for _ in range(s.eval_samples)], texts)]
+        repeated = [p for p in chunk for _ in range(s.eval_samples)]
+        rewards += [TASKS[s.task].sentiment_reward(p, c) for p, c in zip(repeated, texts)]
     return {"reward": mean(rewards), "reward_sem": sem(rewards), "kl": mean(kls), "kl_sem": sem(kls)}
 
 
@@ -393,7 +445,7 @@ def best_of_k(reference: PeftModel, tokenizer: PreTrainedTokenizerBase, prompts:
             tokens += sum(map(len, tokenizer(texts, add_special_tokens=False).input_ids))  # as `counting_reward`
             for row in range(len(texts) // n):  # the batch's prompts in order, n completions each
                 prompt = prompts[len(per_prompt)]
-                per_prompt.append([sentiment_reward(prompt, c) for c in texts[row * n : (row + 1) * n]])
+                per_prompt.append([TASKS[s.task].sentiment_reward(prompt, c) for c in texts[row * n : (row + 1) * n]])
     seconds = time.perf_counter() - clock
     points = []
     for k in s.bok_ks:
@@ -427,7 +479,7 @@ def load_tokenizer_and_pi_ref(s: Settings, work: Path) -> tuple[Path, float]:
     clock = time.perf_counter()
     if s.model == "smollm2":
         return smollm2_path(), 0.0
-    path = train_sft_model(make_corpus(s.corpus_size, seed=s.data_seed), work / "sft", s)
+    path = train_sft_model(frontier_task.make_corpus(s.corpus_size, seed=s.data_seed), work / "sft", s)
     return path, time.perf_counter() - clock
 
 
@@ -438,8 +490,8 @@ def run_seed(s: Settings) -> dict:
         work = Path(tmp)
         sft_path, sft_seconds = load_tokenizer_and_pi_ref(s, work)
         tokenizer = AutoTokenizer.from_pretrained(sft_path)
-        train_prompts = make_prompts(s.train_prompts, seed=s.data_seed + 1)
-        heldout = make_prompts(s.heldout_prompts, seed=s.data_seed + 2, exclude=set(train_prompts))
+        task = TASKS[s.task]
+        train_prompts, heldout = task.split_prompts(s.train_prompts, s.heldout_prompts, seed=s.data_seed)
 
         def held_out(model: PeftModel) -> dict:
             return evaluate(model, tokenizer, heldout, s)
@@ -460,7 +512,7 @@ def run_seed(s: Settings) -> dict:
                 sampler,
                 tokenizer,
                 train_prompts,
-                reward_fn=counting_reward(tokenizer, counter),
+                reward_fn=counting_reward(task.sentiment_reward, tokenizer, counter),
                 k=s.k,
                 max_new_tokens=s.max_new_tokens,
                 temperature=1.0,  # sample π_ref itself, as RLOO and the evaluation do
@@ -510,7 +562,7 @@ def run_seed(s: Settings) -> dict:
                 args,
                 train_prompts,
                 tokenizer,
-                reward_fn=counting_reward(tokenizer, counter),
+                reward_fn=counting_reward(task.sentiment_reward, tokenizer, counter),
                 callbacks=callbacks,
             )
             runs.append(("iterative DPO", f"β={beta}", make, counter, no_data, s.iterative_rounds))
@@ -529,7 +581,7 @@ def run_seed(s: Settings) -> dict:
             )
             make = lambda callbacks, args=args, counter=counter: trl.RLOOTrainer(  # noqa: E731
                 model=load_policy(sft_path, s),
-                reward_funcs=counting_reward(tokenizer, counter),
+                reward_funcs=counting_reward(task.sentiment_reward, tokenizer, counter),
                 args=args,
                 train_dataset=Dataset.from_dict({"prompt": train_prompts}),
                 processing_class=tokenizer,
@@ -575,6 +627,13 @@ def run_seed(s: Settings) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small, fast run of the same pipeline (CI)")
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="products",
+        help="products: the toy grammar and lexicon (tiny model; --real_model: SmolLM2); movies: SmolLM2 as π_ref, "
+        "movie-review prefixes, VADER's sentiment (issue #31)",
+    )
     parser.add_argument("--real_model", action="store_true", help="SmolLM2-135M-Instruct as π_ref (reduced size)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2; --quick: 0)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own 1-thread process")
@@ -586,8 +645,13 @@ def main(argv: list[str] | None = None) -> dict:
     cli = parser.parse_args(argv)
     if cli.quick and cli.real_model:
         parser.error("--quick and --real_model are two different modes: pass one")
-    mode = "quick" if cli.quick else "smollm2" if cli.real_model else "full"
-    base = {"quick": QUICK, "smollm2": SMOLLM2, "full": FULL}[mode]
+    if cli.task == "movies" and cli.real_model:
+        parser.error("--task movies always runs SmolLM2 as π_ref: drop --real_model")
+    if cli.task == "movies":
+        mode = "movies_quick" if cli.quick else "movies"
+    else:
+        mode = "quick" if cli.quick else "smollm2" if cli.real_model else "full"
+    base = {"quick": QUICK, "smollm2": SMOLLM2, "full": FULL, "movies": MOVIES, "movies_quick": MOVIES_QUICK}[mode]
     seeds = cli.seeds or ([0] if cli.quick else [0, 1, 2])
     out = cli.out or DEFAULT_OUT.with_name("frontier" if mode == "full" else f"frontier_{mode}")
     if len(set(seeds)) != len(seeds) or cli.jobs < 1:
@@ -600,6 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(aggregate_seeds(per_seed))
         write_outputs(results, out)
         return results
+    TASKS[base.task].sentiment_reward("", "")  # a missing reward package fails here, not after the model loads
     transformers.logging.set_verbosity_error()
     logging.getLogger("trl_dpo_ext").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -634,7 +699,7 @@ def run_seed_processes(cli: argparse.Namespace, seeds: list[int], out: Path) -> 
     Run each seed as `python -m benchmarks.frontier --seeds N --out OUT/seed-N` (log: OUT/seed-N.log), `cli.jobs` at
     a time.
     """
-    mode = ["--quick"] if cli.quick else ["--real_model"] if cli.real_model else []
+    mode = ["--task", cli.task] + (["--quick"] if cli.quick else ["--real_model"] if cli.real_model else [])
     pending, running = list(seeds), []
     while pending or running:
         while pending and len(running) < cli.jobs:

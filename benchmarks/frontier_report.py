@@ -153,6 +153,7 @@ def environment() -> dict[str, str]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "bitsandbytes": bitsandbytes.__version__,
+        "vaderSentiment": _version("vaderSentiment"),  # the movies task's reward
         "machine": platform.machine(),
         "torch_threads": str(torch.get_num_threads()),
     }
@@ -294,3 +295,12 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     )
     fig.tight_layout()
     write_figure(fig, path, dpi=110)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"

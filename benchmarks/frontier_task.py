@@ -114,3 +114,9 @@ def make_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str
             seen.add(prompt)
             prompts.append(prompt)
     return prompts
+
+
+def split_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
+    """`n_train` training prompts (seed + 1) and `n_heldout` held-out prompts (seed + 2) that are not among them."""
+    train = make_prompts(n_train, seed=seed + 1)
+    return train, make_prompts(n_heldout, seed=seed + 2, exclude=set(train))

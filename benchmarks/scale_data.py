@@ -192,6 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps after setup, batch 4")
+    parser.add_argument(
+        "--impls", nargs="+", choices=["ours", "stock"], default=["ours", "stock"], help="the trainers to run"
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "trl_dpo_ext_scale")
     parser.add_argument("--out", type=Path, default=None, help="write scale_data.json and scale_data.md here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -213,18 +216,24 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for size in args.sizes:
         for impl, cache in RUNS:
+            if impl not in args.impls:
+                continue
             results.append(spawn(args, impl, cache, size))
             sys.stdout.write(json.dumps(results[-1]) + "\n")
             sys.stdout.flush()
     report = table(results)
     flags = ["--sizes", *args.sizes, "--steps", args.steps]
+    name = "scale_data"
+    if set(args.impls) != {"ours", "stock"}:  # one trainer's rows: a file of their own, beside the run of both
+        flags += ["--impls", *args.impls]
+        name += "_" + "_".join(args.impls)
     header = (
         f"`{command('scale_data', *flags, '--out', args.out)}` · torch {torch.__version__} · "
         f"wall {time.perf_counter() - started:.0f} s"
     )
     sys.stdout.write(header + "\n\n" + report + "\n")
     if args.out:
-        write_results(args.out, "scale_data", results, report, header=header)
+        write_results(args.out, name, results, report, header=header)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """The reward-vs-KL benchmark end to end in its quick mode, and the ground-truth reward it rests on."""
 
 import csv
-import dataclasses
 import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from benchmarks import frontier
+from benchmarks import frontier_movies
 from benchmarks.frontier import expected_best_of_k
 from benchmarks.frontier import main as frontier_main
 from benchmarks.frontier_report import aggregate_seeds
@@ -142,27 +141,63 @@ def test_dpo_raises_heldout_reward_over_the_sft_model(quick_run):
     assert dpo["reward"] - sft["reward"] > noise, (sft, dpo)
 
 
-def test_real_model_mode_runs_smollm2_as_pi_ref_at_ci_size(smollm2_dir, monkeypatch):
-    """`--real_model`'s pipeline (SmolLM2 as π_ref, no SFT) end to end, its sizes cut to CI's: 8 prompts, 2 rounds."""
-    monkeypatch.setattr(frontier, "smollm2_path", lambda: Path(smollm2_dir))
-    # k = 8: most of SmolLM2's continuations use no lexicon word, and a prompt whose 8 samples all tie gives no pair.
-    small = dataclasses.replace(
-        frontier.SMOLLM2, train_prompts=8, heldout_prompts=2, eval_samples=2, dpo_betas=(), k=8, max_new_tokens=12,
-        dpo_epochs=1, batch_size=4, bok_ks=(2,), bok_samples=2,
-    )  # fmt: skip
-    torch.set_num_threads(2)
-    run = frontier.run_seed(small)
+def test_movies_reward_is_vaders_compound_score_mapped_to_0_1():
+    # "great" is rated 3.1 in VADER's lexicon; its compound score is s / √(s² + 15), and "not" scales s by −0.74.
+    great = round(3.1 / (3.1**2 + 15) ** 0.5, 4)
+    assert frontier_movies.sentiment_reward("I saw this film", " It was great.") == (1 + great) / 2
+    negated = 3.1 * -0.74
+    assert frontier_movies.vader_compound("It was not great.") == round(negated / (negated**2 + 15) ** 0.5, 4)
+    assert frontier_movies.sentiment_reward("The acting in", "") == 0.5  # no sentiment, as the toy task's empty reply
+
+
+def test_movie_prompts_are_2_to_8_word_review_openings_seeded_and_disjoint():
+    for seed in (0, 1, 2):
+        train, heldout = frontier_movies.split_prompts(384, 48, seed=seed)
+        assert (train, heldout) == frontier_movies.split_prompts(384, 48, seed=seed)
+        assert len(set(train + heldout)) == 432 and {len(p.split()) for p in train + heldout} == set(range(2, 9))
+        # One draw split at random: held-out openings as long as the training ones, within 2.5 standard errors of the
+        # difference of the means. (A training set drawn first leaves mostly long ones: +0.78 to +1.29 words.)
+        words = [[len(p.split()) for p in prompts] for prompts in (train, heldout)]
+        se = statistics.stdev(words[0]) * (1 / len(train) + 1 / len(heldout)) ** 0.5
+        assert abs(statistics.mean(words[1]) - statistics.mean(words[0])) < 2.5 * se
+    with pytest.raises(ValueError, match="fewer than 5000 distinct prompts"):
+        frontier_movies.make_prompts(5000, seed=1)
+    assert frontier_movies.make_prompts(0, seed=1) == []
+
+
+def test_movies_task_runs_every_method_on_smollm2_at_ci_size(smollm2_dir, tmp_path):
+    """`--task movies --quick`: SmolLM2 as π_ref (no SFT), VADER's reward, DPO, iterative DPO, RLOO and best-of-k."""
+    # The session's converted SmolLM2 (its conversion is tested in test_smollm2.py), linked into this run's cache.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / smollm2_dir.name).symlink_to(smollm2_dir, target_is_directory=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TRL_DPO_EXT_CACHE": str(tmp_path / "cache"),
+    }
+    command = [sys.executable, "-m", "benchmarks.frontier", "--task", "movies", "--quick", "--threads", "2"]
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*command, "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "frontier.json").read_text())
+    assert results["mode"] == "movies_quick" and results["settings"]["task"] == "movies"
+    run = results["per_seed"][0]
     assert run["sft_seconds"] == 0.0 and run["pairs"]["count"] > 0  # no SFT: π_ref is the pretrained model
     points = {(p["method"], p["checkpoint"]): p for p in run["points"]}
     assert set(points) == {
         ("SFT", "end"),
         ("best-of-k", "end"),
+        ("DPO", "half"),
+        ("DPO", "end"),
         ("iterative DPO", "round 1"),
         ("iterative DPO", "round 2"),
+        ("RLOO", "half"),
+        ("RLOO", "end"),
     }
-    assert points["SFT", "end"]["kl"] == 0.0
-    assert (
-        0
-        < points["iterative DPO", "round 1"]["train_gen_tokens"]
-        < points["iterative DPO", "round 2"]["train_gen_tokens"]
-    )
+    assert points["SFT", "end"]["kl"] == 0.0 and all(0 < p["reward"] < 1 for p in points.values())
+    for method, first, last in (("iterative DPO", "round 1", "round 2"), ("RLOO", "half", "end")):
+        assert 0 < points[method, first]["train_gen_tokens"] < points[method, last]["train_gen_tokens"]
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -153,11 +153,15 @@ def test_answer_logps_hold_answers_flat_and_slice_and_convert_exactly():
 
 def test_answer_logps_buffer_fills_one_allocation_batch_by_batch_and_refuses_more_than_it_holds():
     flat = AnswerLogps.from_lists([[-1.5, -0.25], [], [-3.0], [-2.0, -0.5, -0.125]])
-    buffer = AnswerLogpsBuffer(num_answers=4, max_tokens=8)  # a bound above the 6 tokens (truncated answers)
-    storage = buffer.values.data_ptr()
-    for part in (flat[:1], flat[1:3], flat[3:]):
-        buffer.append(part)
-    assert buffer.answers() == flat and buffer.answers().values.data_ptr() == storage  # no copy at the end
+    for bound in (6, 8):  # the answers' tokens exactly, or above them (truncated answers)
+        buffer = AnswerLogpsBuffer(num_answers=4, max_tokens=bound)
+        storage = buffer.values.data_ptr()
+        for part in (flat[:1], flat[1:3], flat[3:]):
+            buffer.append(part)
+        answers = buffer.answers()
+        assert answers == flat and answers.values.numel() == 6
+        # filled: the buffer itself, no copy; not filled: a copy of the filled part, the buffer is not kept alive
+        assert (answers.values.data_ptr() == storage) == (bound == 6)
     empty = AnswerLogpsBuffer(num_answers=0, max_tokens=0)
     assert empty.answers() == AnswerLogps.from_lists([]) and empty.answers().tolist() == []
     with pytest.raises(ValueError, match="4 answers of 6 tokens appended to a buffer for 3 answers"):

@@ -5,7 +5,7 @@ import json
 import pytest
 from datasets import Dataset
 
-from trl_dpo_ext import load_preference_dataset, validate_preference_dataset
+from trl_dpo_ext import load_preference_dataset, preference_data, validate_preference_dataset
 from trl_dpo_ext.preference_data import BUNDLED_DATASET
 
 
@@ -73,3 +73,17 @@ def test_conversational_rows():
     )
     with pytest.raises(ValueError, match="column 'rejected', row 1: message 0 has no string 'content'"):
         validate_preference_dataset(bad)
+
+
+def test_validation_reads_batches_and_names_the_row_across_them(monkeypatch):
+    # A real preference set is read a batch at a time (never a whole column as Python strings); the row number still
+    # counts from the start of the dataset, in the dataset's order (its indices mapping included).
+    monkeypatch.setattr(preference_data, "VALIDATION_BATCH", 4)
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(11)]
+    rows[9]["rejected"] = "a9"
+    dataset = Dataset.from_list(rows)
+    with pytest.raises(ValueError, match="^train dataset: row 9: 'chosen' equals 'rejected'"):
+        validate_preference_dataset(dataset)
+    with pytest.raises(ValueError, match="^eval dataset: row 2: 'chosen' equals 'rejected'"):
+        validate_preference_dataset(dataset.select([0, 1, 9, 3]), "eval")
+    validate_preference_dataset(dataset.select(range(9)))

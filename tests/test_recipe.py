@@ -29,8 +29,12 @@ def launch(recipe: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProc
     return result
 
 
-def test_default_recipe_trains_the_real_model_offline(tmp_path):
+def test_default_recipe_trains_the_real_model_offline(tmp_path, smollm2_dir):
     """The default config as a new user runs it (SmolLM2 from the installed GGUF, its own pairs), shortened."""
+    # The session's converted SmolLM2 in this run's cache directory: a first run converts the GGUF file the same way
+    # (tests/test_smollm2.py), and converting it again here would only add a minute.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / smollm2_dir.name).symlink_to(smollm2_dir, target_is_directory=True)
     out = tmp_path / "run"
     result = launch(
         "dpo_qlora", tmp_path, "--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1",

@@ -68,18 +68,33 @@ def apply_umask_permissions(root: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temp file beside `path`, yield it, then fsync and rename it over `path` (rename is atomic on POSIX)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """
+    [`atomic_write`] for a writer that takes a file name, not a handle (safetensors' `save_file` writes from the
+    tensors' own memory, where `save` first builds the whole file as bytes): yield the path of a temp file beside
+    `path` to write; when the block succeeds, that file is fsynced and renamed over `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
         # Why: on a full disk the error must name the file (an `ENOSPC` from a write names none), and say nothing
         # half-written is left: the temp file goes, the old file (if any) is untouched.
         with disk_full_reported(path, "it was not written (an earlier version, if any, is unchanged)."):
-            with os.fdopen(fd, mode, **open_kwargs) as handle:
-                yield handle
-                handle.flush()
-                os.fchmod(handle.fileno(), 0o666 & ~current_umask())
-                os.fsync(handle.fileno())
+            yield Path(tmp)
+            # Opened again by name: a writer may have replaced the temp file with its own (safetensors does).
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fchmod(fd, 0o666 & ~current_umask())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -178,10 +178,15 @@ class AnswerLogpsBuffer:
         self.num_appended = last
 
     def answers(self) -> AnswerLogps:
-        """The answers appended, all of them (a view of the buffer: nothing is copied)."""
+        """
+        The answers appended, all of them: the buffer itself when they filled it, else a copy of what they filled (the
+        bound was above their tokens, e.g. truncated answers: the unused tail is not kept alive for the whole run).
+        """
         if self.num_appended != self.offsets.numel() - 1:
             raise ValueError(f"{self.num_appended} answers appended to a buffer for {self.offsets.numel() - 1}.")
-        return AnswerLogps(self.values[: self.offsets[-1]], self.offsets)
+        used = int(self.offsets[-1])
+        values = self.values if used == self.values.numel() else self.values[:used].clone()
+        return AnswerLogps(values, self.offsets)
 
 
 def sequence_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, bool]:

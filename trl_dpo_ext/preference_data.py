@@ -36,6 +36,7 @@ BUNDLED = {
 }
 # The prompts sampled when a command names none: the default model's own set (its `prompt` column).
 DEFAULT_PROMPTS = "smollm2-concise"
+VALIDATION_BATCH = 1024  # rows the validation holds as Python objects at once
 
 
 def load_preference_dataset(name_or_path: str | None, config: str | None = None) -> DatasetDict:
@@ -216,19 +217,24 @@ def validate_preference_dataset(dataset: Dataset, name: str = "train") -> None:
     if len(dataset) == 0:
         raise ValueError(f"{name} dataset is empty.")
     present = [c for c in ("prompt", "chosen", "rejected") if c in columns]
-    values = {c: dataset[c][:] for c in present}  # lists: indexing or iterating a `Column` reads row by row
-    conversational = _is_messages(values["chosen"][0])
-    # Row by row, so that the error names the first bad row whichever column holds it.
-    for row in range(len(dataset)):
-        for column in present:
-            problem = _check_value(values[column][row], conversational)
-            if problem:
-                raise ValueError(f"{name} dataset: column {column!r}, row {row}: {problem}")
-        chosen, rejected = values["chosen"][row], values["rejected"][row]
-        if chosen == rejected:
-            raise ValueError(f"{name} dataset: row {row}: 'chosen' equals 'rejected', so the pair has no preference.")
-        if "prompt" not in columns:
-            _check_implicit_prompt(chosen, rejected, conversational, name, row)
+    conversational = _is_messages(dataset.select_columns(["chosen"])[0]["chosen"])
+    # Batches of rows as Python lists (a whole column at once would be gigabytes of strings for a real preference
+    # set), checked row by row, so that the error names the first bad row whichever column holds it.
+    row = 0
+    for batch in dataset.select_columns(present).iter(batch_size=VALIDATION_BATCH):
+        for values in zip(*(batch[column] for column in present)):
+            for column, value in zip(present, values):
+                problem = _check_value(value, conversational)
+                if problem:
+                    raise ValueError(f"{name} dataset: column {column!r}, row {row}: {problem}")
+            chosen, rejected = values[-2:]
+            if chosen == rejected:
+                raise ValueError(
+                    f"{name} dataset: row {row}: 'chosen' equals 'rejected', so the pair has no preference."
+                )
+            if "prompt" not in columns:
+                _check_implicit_prompt(chosen, rejected, conversational, name, row)
+            row += 1
 
 
 def _check_implicit_prompt(chosen, rejected, conversational: bool, name: str, row: int) -> None:

@@ -35,7 +35,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_path
 from .errors import DiskFullError
 from .logps import AnswerLogps, AnswerLogpsBuffer
 from .models import base_model
@@ -202,8 +202,9 @@ def save_reference_cache(path: Path, key: dict, chosen: AnswerLogps, rejected: A
         tensors[name], tensors[f"{name}_offsets"] = answers.values, answers.offsets
     metadata = {"key": json.dumps(key, sort_keys=True), "checksum": _checksum(tensors)}
     try:
-        with atomic_write(path, "wb") as handle:
-            handle.write(safetensors.torch.save(tensors, metadata=metadata))
+        with atomic_path(path) as tmp:
+            # Why `save_file`: it writes from the tensors' memory (safetensors 0.8); `save` builds the file as bytes.
+            safetensors.torch.save_file(tensors, tmp, metadata=metadata)
     except DiskFullError as error:
         # Why: the cache is not under output_dir (by default it is in the user's cache directory): say where it goes.
         raise DiskFullError(
@@ -243,7 +244,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy())  # the buffer itself: no bytes copy
     return digest.hexdigest()
 
 
