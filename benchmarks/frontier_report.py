@@ -90,8 +90,11 @@ def pareto(points: list[dict]) -> list[dict]:
 
 
 def best_at_kl(points: list[dict], kl: float) -> dict:
-    """The highest-reward point among `points` whose KL is at most `kl` (`points` must hold one with KL 0)."""
-    return max((p for p in points if p["kl"] <= kl), key=lambda p: p["reward"])
+    """
+    The highest-reward point among `points` whose KL is at most `kl` (`points` must hold one with KL 0). A KL estimated
+    from few samples can come out below 0 (the true KL cannot): it counts as 0, so π_ref is always within reach.
+    """
+    return max((p for p in points if p["kl"] <= max(kl, 0.0)), key=lambda p: p["reward"])
 
 
 def compare(a: str, b: str, points: list[dict]) -> dict:

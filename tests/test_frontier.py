@@ -15,7 +15,7 @@ import pytest
 from benchmarks import frontier_movies
 from benchmarks.frontier import expected_best_of_k
 from benchmarks.frontier import main as frontier_main
-from benchmarks.frontier_report import aggregate_seeds
+from benchmarks.frontier_report import aggregate_seeds, compare
 from benchmarks.frontier_task import make_corpus, make_prompts, review_score, sentiment_reward
 
 
@@ -65,6 +65,16 @@ def test_seeds_aggregate_to_their_mean_with_the_standard_error_over_seeds():
     assert merged["pairs"]["count"] == 101 and merged["seed_seconds"] == {"0": 9.0, "1": 9.0, "2": 9.0}
     # One seed: the point's own standard error over its samples.
     assert aggregate_seeds([run(0, 0.5, 1.0)])["points"][0]["reward_sem"] == 0.5
+
+
+def test_a_point_whose_sampled_kl_is_below_0_is_compared_with_pi_ref():
+    # KL estimated from a few samples can come out negative; π_ref (KL 0) is then the best the other method has.
+    def point(method: str, kl: float, reward: float) -> dict:
+        return {"method": method, "setting": "", "step": 1, "kl": kl, "reward": reward, "reward_sem": 0.01}
+
+    points = [point("SFT", 0.0, 0.5), point("RLOO", -0.02, 0.51), point("DPO", 0.3, 0.6)]
+    (row,) = compare("DPO", "RLOO", points)["rows"]
+    assert (row["kl"], row["DPO_reward"], row["difference"]) == (-0.02, 0.5, pytest.approx(-0.01))
 
 
 @pytest.fixture(scope="module")
