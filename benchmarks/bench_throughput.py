@@ -123,7 +123,7 @@ class PeakRSS:
     """
     Peak resident memory of this process while training, sampled every 2 ms (CPU has no allocator peak counter):
     `peak`, all of it, and `peak_anon`, less the file-backed pages (Linux: memory-mapped Arrow files and libraries,
-    page cache the kernel can take back) — the memory the run itself holds.
+    page cache the kernel can take back) — the memory the run itself holds; `anon_at_start`, the latter on entry.
     """
 
     def __init__(self):
@@ -132,14 +132,18 @@ class PeakRSS:
         self.process, self.peak, self.peak_anon, self.running = psutil.Process(), 0, 0, True
         self.thread = threading.Thread(target=self.sample, daemon=True)
 
+    def anonymous(self, memory) -> int:
+        return memory.rss - getattr(memory, "shared", 0)
+
     def sample(self):
         while self.running:
             memory = self.process.memory_info()
             self.peak = max(self.peak, memory.rss)
-            self.peak_anon = max(self.peak_anon, memory.rss - getattr(memory, "shared", 0))
+            self.peak_anon = max(self.peak_anon, self.anonymous(memory))
             time.sleep(0.002)
 
     def __enter__(self):
+        self.anon_at_start = self.anonymous(self.process.memory_info())
         self.thread.start()
         return self
 

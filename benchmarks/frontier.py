@@ -199,7 +199,6 @@ MOVIES_QUICK = replace(
     eval_samples=2,
     dpo_betas=(0.1,),
     rloo_betas=(0.1,),
-    rloo_epochs=0.5,
     iterative_betas=(0.1,),
     bok_ks=(2,),
     bok_samples=2,

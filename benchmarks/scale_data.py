@@ -90,7 +90,6 @@ def prepare(workdir: Path, sizes: list[int]) -> None:
 
 def worker(args) -> dict:
     """One run: load the rows and the 4-bit base, build the trainer (timed), train `args.steps` steps (timed)."""
-    import psutil
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,8 +128,6 @@ def worker(args) -> dict:
     # The LoRA initialisation is random: seeded, so stock's warm run finds the cache its cold run keyed by a hash of
     # the model (LoRA weights included).
     torch.manual_seed(0)
-    memory = psutil.Process().memory_info()
-    anon_before = memory.rss - memory.shared
     with PeakRSS() as setup_rss:
         started = time.perf_counter()
         trainer = trainer_class(
@@ -151,7 +148,7 @@ def worker(args) -> dict:
         "setup_s": setup_s,
         "steps_s": steps_s,
         "peak_rss_mib": max(setup_rss.peak, steps_rss.peak) / 2**20,
-        "setup_anon_growth_mib": (setup_rss.peak_anon - anon_before) / 2**20,
+        "setup_anon_growth_mib": (setup_rss.peak_anon - setup_rss.anon_at_start) / 2**20,
         "cache_mib": answer_tokens * 4 / 2**20,
     }
 
