@@ -1,15 +1,14 @@
 """The DPO paper's reward-vs-KL experiment (Rafailov et al. 2023, Sec. 6.1, Fig. 2 left), small, offline, on a CPU.
 
     python -m benchmarks.frontier --jobs 2                  # full mode, seeds 0 1 2: benchmarks/results/frontier/
-    python -m benchmarks.frontier --real_model --seeds 0 --threads 2   # SmolLM2-135M-Instruct as π_ref, reduced
     python -m benchmarks.frontier --quick --out /tmp/frontier   # a small smoke run of the same pipeline (CI)
-    python -m benchmarks.frontier --task movies --jobs 2   # real parts: SmolLM2, movie-review prefixes, VADER (#31)
+    python -m benchmarks.frontier --task movies --jobs 3   # real parts: SmolLM2, movie-review prefixes, VADER (#31)
 
 Pipeline, top to bottom:
 1. a synthetic review corpus (`frontier_task.py`) → a locally trained BPE tokenizer and a tiny Llama trained on it
    from scratch with TRL's `SFTTrainer`: the SFT model. Loaded in 4-bit NF4, it is π_ref for every method
-   (`--real_model`: SmolLM2-135M-Instruct, continuing the same review prefixes as plain text, is π_ref instead;
-   `--task movies`: SmolLM2-135M-Instruct continues movie-review prefixes and VADER scores them, `frontier_movies.py`);
+   (`--task movies`: SmolLM2-135M-Instruct is π_ref instead, continuing movie-review prefixes that VADER scores,
+   `frontier_movies.py`);
 2. k completions per training prompt sampled from π_ref, best and worst by the ground-truth sentiment reward
    (`trl_dpo_ext.build_preference_pairs`);
 3. methods, each at several settings, each training LoRA on the same 4-bit base: `trl_dpo_ext.DPOTrainer` (several
@@ -26,7 +25,7 @@ Pipeline, top to bottom:
 
 A seed drives everything after π_ref: pair sampling, LoRA initialisation, data order, RLOO's rollouts, the
 evaluation's samples. The corpus, the prompts and the SFT model come from `data_seed` and are the same for every seed.
-`--jobs 2` runs two seeds at once, one thread each (`--threads`). Models and trainer outputs live in a temporary
+`--jobs N` runs N seeds at once, one thread each (`--threads`). Models and trainer outputs live in a temporary
 directory.
 """
 
@@ -138,55 +137,30 @@ QUICK = Settings(
     bok_ks=(2, 4),
     bok_samples=8,
 )
-# SmolLM2-135M-Instruct as π_ref, reduced to fit a 2-core CPU in about a quarter of an hour (one seed, 2 threads):
-# one setting each of DPO and iterative DPO, best-of-k; no RLOO, whose rollouts TRL samples through bitsandbytes' CPU
-# 4-bit layers. A DPO step on 8 pairs takes ~24 s on one thread here, so the budget is 20 steps a method; a pilot at
-# lr 1e-4 with 10 steps did not move the policy (KL 0.00 ± 0.02), hence 3e-4. Ties are common (most samples use no
-# lexicon word): ~1 pair per 3 prompts.
-SMOLLM2 = Settings(
+# The paper's experiment with real parts (`--task movies`, issue #31): SmolLM2-135M-Instruct as π_ref (4-bit NF4 +
+# LoRA, as the recipes run it), movie-review prefixes, VADER's sentiment as the reward (`frontier_movies.py`). Sized
+# for about 1.5 hours on a 2-core CPU, 3 seeds at once (one thread each). One-seed pilots (2 threads) set the rates:
+# DPO β = 0.1 at lr 1e-3 ran to KL ≈ 15 nats in 47 steps, at 3e-4 to 1.0 nats in 31 (margins 0.08: β never binds),
+# so lr 1e-3 with β large enough to stop the drift; RLOO at lr 1e-3, β = 0.1 moved 0.9 nats in 24 steps.
+MOVIES = Settings(
     corpus_size=0,
     sft_epochs=0,
     train_prompts=256,
     heldout_prompts=32,
     eval_samples=4,
-    dpo_betas=(0.1,),
-    dpo_epochs=2,
-    rloo_betas=(),
-    rloo_epochs=0,
-    pft_learning_rates=(),
-    pft_epochs=0,
-    iterative_betas=(0.1,),
-    iterative_rounds=2,
-    bok_ks=(2, 4, 8),
-    bok_samples=16,
-    model="smollm2",
-    max_new_tokens=24,
-    dpo_learning_rate=3e-4,
-    batch_size=8,
-)
-
-# The paper's experiment with real parts (`--task movies`, issue #31): SmolLM2-135M-Instruct as π_ref (4-bit NF4 +
-# LoRA, as the recipes run it), movie-review prefixes, VADER's sentiment as the reward (`frontier_movies.py`). Sized
-# for about 2 hours on a 2-core CPU, 3 seeds two at a time (one thread each): see docs/frontier.md for the pilot that
-# set the sizes and learning rates.
-MOVIES = Settings(
-    corpus_size=0,
-    sft_epochs=0,
-    train_prompts=384,
-    heldout_prompts=48,
-    eval_samples=4,
-    dpo_betas=(0.05, 0.1, 0.3),
+    dpo_betas=(0.3, 1.0, 3.0),
     dpo_epochs=1,
-    rloo_betas=(0.03, 0.1),
-    rloo_epochs=0.5,
+    rloo_betas=(0.03,),
+    rloo_epochs=1,  # 4 rollouts for each of the 256 prompts: as many samples as the pairs took
     pft_learning_rates=(),
     pft_epochs=0,
-    iterative_betas=(0.1,),
+    iterative_betas=(1.0,),
     iterative_rounds=2,
     bok_ks=(2, 4, 8, 16),
     bok_samples=16,
     model="smollm2",
     task="movies",
+    max_new_tokens=16,
     dpo_learning_rate=1e-3,
     rloo_learning_rate=1e-3,
     batch_size=8,
@@ -199,6 +173,7 @@ MOVIES_QUICK = replace(
     eval_samples=2,
     dpo_betas=(0.1,),
     rloo_betas=(0.1,),
+    rloo_epochs=0.5,
     iterative_betas=(0.1,),
     bok_ks=(2,),
     bok_samples=2,
@@ -630,10 +605,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--task",
         choices=sorted(TASKS),
         default="products",
-        help="products: the toy grammar and lexicon (tiny model; --real_model: SmolLM2); movies: SmolLM2 as π_ref, "
+        help="products: the toy grammar and lexicon, a tiny π_ref trained here; movies: SmolLM2 as π_ref, "
         "movie-review prefixes, VADER's sentiment (issue #31)",
     )
-    parser.add_argument("--real_model", action="store_true", help="SmolLM2-135M-Instruct as π_ref (reduced size)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2; --quick: 0)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own 1-thread process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per seed's process (default 1)")
@@ -642,15 +616,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--report_only", action="store_true", help="rewrite the outputs in --out from its seed-N/seed.json files"
     )
     cli = parser.parse_args(argv)
-    if cli.quick and cli.real_model:
-        parser.error("--quick and --real_model are two different modes: pass one")
-    if cli.task == "movies" and cli.real_model:
-        parser.error("--task movies always runs SmolLM2 as π_ref: drop --real_model")
     if cli.task == "movies":
         mode = "movies_quick" if cli.quick else "movies"
     else:
-        mode = "quick" if cli.quick else "smollm2" if cli.real_model else "full"
-    base = {"quick": QUICK, "smollm2": SMOLLM2, "full": FULL, "movies": MOVIES, "movies_quick": MOVIES_QUICK}[mode]
+        mode = "quick" if cli.quick else "full"
+    base = {"quick": QUICK, "full": FULL, "movies": MOVIES, "movies_quick": MOVIES_QUICK}[mode]
     seeds = cli.seeds or ([0] if cli.quick else [0, 1, 2])
     out = cli.out or DEFAULT_OUT.with_name("frontier" if mode == "full" else f"frontier_{mode}")
     if len(set(seeds)) != len(seeds) or cli.jobs < 1:
@@ -698,7 +668,7 @@ def run_seed_processes(cli: argparse.Namespace, seeds: list[int], out: Path) -> 
     Run each seed as `python -m benchmarks.frontier --seeds N --out OUT/seed-N` (log: OUT/seed-N.log), `cli.jobs` at
     a time.
     """
-    mode = ["--task", cli.task] + (["--quick"] if cli.quick else ["--real_model"] if cli.real_model else [])
+    mode = ["--task", cli.task] + (["--quick"] if cli.quick else [])
     pending, running = list(seeds), []
     while pending or running:
         while pending and len(running) < cli.jobs:
