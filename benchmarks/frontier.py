@@ -139,7 +139,7 @@ QUICK = Settings(
 )
 # The paper's experiment with real parts (`--task movies`, issue #31): SmolLM2-135M-Instruct as π_ref (4-bit NF4 +
 # LoRA, as the recipes run it), movie-review prefixes, VADER's sentiment as the reward (`frontier_movies.py`). Sized
-# for about 1.5 hours on a 2-core CPU, 3 seeds at once (one thread each). One-seed pilots (2 threads) set the rates:
+# for the 2-core CPU, 3 seeds at once (one thread each): 73 min measured. One-seed pilots (2 threads) set the rates:
 # DPO β = 0.1 at lr 1e-3 ran to KL ≈ 15 nats in 47 steps, at 3e-4 to 1.0 nats in 31 (margins 0.08: β never binds),
 # so lr 1e-3 with β large enough to stop the drift; RLOO at lr 1e-3, β = 0.1 moved 0.9 nats in 24 steps.
 MOVIES = Settings(
